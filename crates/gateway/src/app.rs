@@ -1,0 +1,255 @@
+//! The server's lifecycle: build (bus + hub), bind, serve HTTP and WebSocket routes, and
+//! shut down — stop accepting, close every connection with 1012, wait at most
+//! `SHUTDOWN_GRACE_SECS`, close the bus.
+//!
+//! Signals are not handled here: [`App::run`] takes a shutdown future, so tests and the
+//! binary decide what "stop" means.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use axum::{
+    Router,
+    extract::{Query, State, WebSocketUpgrade},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use crate::{
+    bus::{
+        AnyBus, Bus, BusError,
+        memory::MemoryBus,
+        redis::{RedisBus, RedisSettings},
+    },
+    config::{Config, redact_url},
+    hub::{ConnId, Hub},
+    session::{self, ConnectParams},
+    web,
+};
+
+/// Initial read buffer per connection: chat frames are small, and it is allocated eagerly.
+const READ_BUFFER: usize = 4 * 1024;
+/// Bytes tungstenite gathers before writing to the socket (a flush always writes).
+const WRITE_BUFFER: usize = 8 * 1024;
+
+/// Start-up or serving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The bus could not be set up (e.g. an unusable `REDIS_URL`).
+    #[error("REDIS_URL: {0}")]
+    Bus(#[from] BusError),
+    /// The HTTP server failed.
+    #[error("server error: {0}")]
+    Serve(#[from] io::Error),
+}
+
+/// What every request handler and session shares.
+#[derive(Debug)]
+pub struct AppState {
+    /// The validated configuration.
+    pub config: Config,
+    /// Local room membership.
+    pub hub: Arc<Hub>,
+    /// The message bus.
+    pub bus: AnyBus,
+    /// Cancelled when the instance starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Every session task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    next_conn: AtomicU64,
+}
+
+impl AppState {
+    /// A fresh connection id.
+    pub fn next_conn_id(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// A built, bound, not yet running gateway.
+#[derive(Debug)]
+pub struct App {
+    listener: TcpListener,
+    state: Arc<AppState>,
+}
+
+impl App {
+    /// Sets up the bus and binds `HOST:PORT`.
+    pub async fn build(config: Config) -> Result<App, AppError> {
+        let addr = SocketAddr::new(config.host, config.port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| AppError::Bind { addr, source })?;
+        App::with_listener(config, listener)
+    }
+
+    /// Sets up the bus around an already bound listener (tests bind port 0).
+    pub fn with_listener(config: Config, listener: TcpListener) -> Result<App, AppError> {
+        let hub = Arc::new(Hub::new(config.client_queue));
+        let bus = match &config.redis_url {
+            None => {
+                info!(
+                    instance = %config.instance_id,
+                    "no REDIS_URL: running as a single instance on the in-process bus"
+                );
+                AnyBus::Memory(MemoryBus::new(config.history_size, hub.clone()))
+            }
+            Some(url) => {
+                info!(instance = %config.instance_id, redis = %redact_url(url), "using Redis");
+                let settings = RedisSettings {
+                    url: url.clone(),
+                    prefix: config.redis_prefix.clone(),
+                    history_size: config.history_size,
+                    timeout: config.redis_timeout,
+                };
+                AnyBus::Redis(RedisBus::connect(&settings, hub.clone())?)
+            }
+        };
+        let state = Arc::new(AppState {
+            config,
+            hub,
+            bus,
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            next_conn: AtomicU64::new(0),
+        });
+        Ok(App { listener, state })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The shared state (tests inspect the bus and hub).
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Waits until the bus is connected.
+    pub async fn wait_ready(&self) {
+        if let AnyBus::Redis(bus) = &self.state.bus {
+            bus.wait_connected().await;
+        }
+    }
+
+    /// Serves until `shutdown` resolves, then drains and returns.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), AppError> {
+        let App { listener, state } = self;
+        let token = state.shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            token.cancel();
+        });
+        let addr = listener.local_addr()?;
+        info!(%addr, instance = %state.config.instance_id, "listening");
+        axum::serve(listener, router(state.clone()))
+            .with_graceful_shutdown(state.shutdown.clone().cancelled_owned())
+            .await?;
+        // Upgraded WebSockets are not tracked by axum: each session sees the same token,
+        // closes its client with 1012 and ends; wait for them here.
+        info!(
+            connections = state.tracker.len(),
+            "shutting down: closing connections"
+        );
+        state.tracker.close();
+        let grace = state.config.shutdown_grace;
+        if tokio::time::timeout(grace, state.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                left = state.tracker.len(),
+                "grace period over; dropping connections"
+            );
+        }
+        state.bus.shutdown().await;
+        info!("stopped");
+        Ok(())
+    }
+}
+
+/// The HTTP routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/ws", get(ws))
+        .route("/websocket", get(legacy_ws))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(web::serve)
+        .with_state(state)
+}
+
+async fn ws(
+    upgrade: WebSocketUpgrade,
+    Query(query): Query<HashMap<String, String>>,
+    State(state): State<Arc<AppState>>,
+) -> Response {
+    accept(upgrade, query, state, false)
+}
+
+async fn legacy_ws(
+    upgrade: WebSocketUpgrade,
+    Query(query): Query<HashMap<String, String>>,
+    State(state): State<Arc<AppState>>,
+) -> Response {
+    accept(upgrade, query, state, true)
+}
+
+fn accept(
+    upgrade: WebSocketUpgrade,
+    query: HashMap<String, String>,
+    state: Arc<AppState>,
+    legacy: bool,
+) -> Response {
+    if state.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    let max = state.config.max_frame_bytes;
+    let task = state.tracker.token();
+    upgrade
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            let _task = task;
+            session::run(socket, state, ConnectParams::from_query(query), legacy).await;
+        })
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else if state.bus.is_ready() {
+        "ready".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "message bus not connected").into_response()
+    }
+}

@@ -1,0 +1,60 @@
+//! The only place Redis key and channel names are built. The room is the hash tag, so a
+//! room's counter, history and channel share one Redis Cluster slot (the publish script
+//! touches all three atomically).
+
+use chat_protocol::RoomName;
+
+/// Key and channel names under one prefix.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// Names under `prefix` (`REDIS_PREFIX`).
+    pub fn new(prefix: &str) -> Self {
+        Keys {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// `chat:{R}:seq` — the id counter.
+    pub fn seq(&self, room: &RoomName) -> String {
+        format!("{}:{{{room}}}:seq", self.prefix)
+    }
+
+    /// `chat:{R}:history` — the capped list of `message` frames.
+    pub fn history(&self, room: &RoomName) -> String {
+        format!("{}:{{{room}}}:history", self.prefix)
+    }
+
+    /// `chat:{R}` — the live channel.
+    pub fn channel(&self, room: &RoomName) -> String {
+        format!("{}:{{{room}}}", self.prefix)
+    }
+
+    /// The room a channel name belongs to, if it is one of ours.
+    pub fn room_of_channel<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        channel
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(":{")?
+            .strip_suffix('}')
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_share_the_room_hash_tag() {
+        let k = Keys::new("chat");
+        let r = RoomName::new("general").unwrap();
+        assert_eq!(k.seq(&r), "chat:{general}:seq");
+        assert_eq!(k.history(&r), "chat:{general}:history");
+        assert_eq!(k.channel(&r), "chat:{general}");
+        assert_eq!(k.room_of_channel("chat:{general}"), Some("general"));
+        assert_eq!(k.room_of_channel("other:{general}"), None);
+        assert_eq!(k.room_of_channel("chat:{general}:x"), None);
+    }
+}

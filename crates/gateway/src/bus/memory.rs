@@ -1,0 +1,143 @@
+//! The embedded bus: one process, no Redis. Same ids, history and delivery order as the
+//! Redis bus, so `cargo run` on a fresh machine behaves like a one-instance deployment.
+//!
+//! Publishing a room's message happens under that room's lock and hands the message to
+//! the hub before releasing it, which keeps delivery in id order without a queue.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    fmt,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use chat_protocol::{MessageTemplate, RoomName};
+
+use super::{Bus, BusError, History, Msg};
+use crate::hub::Hub;
+
+#[derive(Default)]
+struct RoomLog {
+    seq: u64,
+    history: VecDeque<Msg>,
+}
+
+struct Inner {
+    rooms: Mutex<HashMap<RoomName, Arc<Mutex<RoomLog>>>>,
+    history_size: usize,
+    hub: Arc<Hub>,
+}
+
+/// The in-process bus.
+#[derive(Clone)]
+pub struct MemoryBus {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for MemoryBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryBus")
+            .field("history_size", &self.inner.history_size)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl MemoryBus {
+    /// A bus keeping `history_size` messages per room and delivering to `hub`.
+    pub fn new(history_size: usize, hub: Arc<Hub>) -> Self {
+        MemoryBus {
+            inner: Arc::new(Inner {
+                rooms: Mutex::new(HashMap::new()),
+                history_size,
+                hub,
+            }),
+        }
+    }
+
+    fn log(&self, room: &RoomName) -> Arc<Mutex<RoomLog>> {
+        lock(&self.inner.rooms)
+            .entry(room.clone())
+            .or_default()
+            .clone()
+    }
+}
+
+impl Bus for MemoryBus {
+    async fn publish(&self, room: &RoomName, message: &MessageTemplate) -> Result<u64, BusError> {
+        let log = self.log(room);
+        let mut log = lock(&log);
+        log.seq += 1;
+        let msg = Msg {
+            id: log.seq,
+            frame: message.render(log.seq, now_ms()).into(),
+        };
+        log.history.push_back(msg.clone());
+        while log.history.len() > self.inner.history_size {
+            log.history.pop_front();
+        }
+        self.inner.hub.dispatch(room.as_str(), msg);
+        Ok(log.seq)
+    }
+
+    async fn subscribe(&self, _room: &RoomName) -> Result<(), BusError> {
+        // Every publish is offered to the hub, which ignores rooms it does not serve.
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, _room: &RoomName) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    async fn history(&self, room: &RoomName, since: Option<u64>) -> Result<History, BusError> {
+        let log = self.log(room);
+        let log = lock(&log);
+        let start = tail_start(log.seq, log.history.len(), since);
+        Ok(History {
+            top: log.seq,
+            messages: log.history.iter().skip(start).cloned().collect(),
+        })
+    }
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+}
+
+/// Index of the first retained message newer than `since`, when `since` is within reach;
+/// 0 (everything) otherwise. Mirrors the Redis history script.
+pub(crate) fn tail_start(top: u64, retained: usize, since: Option<u64>) -> usize {
+    match since {
+        Some(since) if since <= top => {
+            let newer = usize::try_from(top - since).unwrap_or(usize::MAX);
+            retained.saturating_sub(newer)
+        }
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tail_start;
+
+    #[test]
+    fn tail_start_matches_the_script() {
+        // ids 6..=10 retained (5 messages), top 10
+        assert_eq!(tail_start(10, 5, None), 0);
+        assert_eq!(tail_start(10, 5, Some(10)), 5);
+        assert_eq!(tail_start(10, 5, Some(8)), 3);
+        assert_eq!(tail_start(10, 5, Some(5)), 0);
+        assert_eq!(tail_start(10, 5, Some(2)), 0);
+        assert_eq!(tail_start(10, 5, Some(11)), 0);
+        assert_eq!(tail_start(0, 0, Some(0)), 0);
+    }
+}

@@ -1,0 +1,139 @@
+//! The message bus: where a message gets its id, is stored in history and is published to
+//! every instance that serves its room.
+//!
+//! [`Bus`] is deliberately small (publish, subscribe, unsubscribe, history). It works per
+//! instance, not per client: the [`crate::hub::Hub`] decides when this instance needs a
+//! room's channel (first local member joins, last one leaves). Messages that arrive on a
+//! subscribed channel are handed to the hub with [`crate::hub::Hub::dispatch`]; local
+//! messages travel the same way, so every instance delivers identically.
+//!
+//! Two implementations, picked at start-up by [`AnyBus`]: [`memory::MemoryBus`] (one
+//! process, no Redis) and [`redis::RedisBus`] (fred; standalone, Sentinel, Cluster).
+
+pub mod keys;
+pub mod memory;
+pub mod redis;
+
+use std::future::Future;
+
+use axum::extract::ws::Utf8Bytes;
+use chat_protocol::{MessageTemplate, RoomName};
+
+/// A stored `message` frame: its id and its exact JSON, shared by every recipient.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Msg {
+    /// The per-room id.
+    pub id: u64,
+    /// The frame, exactly as stored and published.
+    pub frame: Utf8Bytes,
+}
+
+/// What a history read returned.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct History {
+    /// The room's last assigned id (0 when nothing was ever published).
+    pub top: u64,
+    /// Retained messages in id order: those after `since` when the store could tell they
+    /// are all there, otherwise everything it retains.
+    pub messages: Vec<Msg>,
+}
+
+/// A bus operation failed; the client is told `unavailable`.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// Not connected to Redis.
+    #[error("the message bus is not connected")]
+    Disconnected,
+    /// Redis did not answer in time.
+    #[error("the message bus did not answer in time")]
+    Timeout,
+    /// Redis answered with an error or the connection failed mid-command.
+    #[error("message bus error: {0}")]
+    Redis(#[from] fred::error::Error),
+    /// Redis returned data this gateway did not write.
+    #[error("unexpected data in the message bus: {0}")]
+    Corrupt(&'static str),
+}
+
+/// The contract both buses implement.
+pub trait Bus: Send + Sync {
+    /// Assigns the next id of `room`, appends the rendered frame to the room's capped
+    /// history and publishes it, atomically. Returns the id.
+    fn publish(
+        &self,
+        room: &RoomName,
+        message: &MessageTemplate,
+    ) -> impl Future<Output = Result<u64, BusError>> + Send;
+
+    /// Starts delivering `room`'s messages to the hub. Resolves once delivery is active,
+    /// so that a history read made afterwards cannot miss a message.
+    fn subscribe(&self, room: &RoomName) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// Stops delivering `room`'s messages.
+    fn unsubscribe(&self, room: &RoomName) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// Reads `room`'s retained history (see [`History`]).
+    fn history(
+        &self,
+        room: &RoomName,
+        since: Option<u64>,
+    ) -> impl Future<Output = Result<History, BusError>> + Send;
+
+    /// Whether the bus can serve requests now (drives `/readyz`).
+    fn is_ready(&self) -> bool;
+}
+
+/// The bus chosen at start-up.
+#[derive(Clone, Debug)]
+pub enum AnyBus {
+    /// In-process, single instance.
+    Memory(memory::MemoryBus),
+    /// Redis, any number of instances.
+    Redis(redis::RedisBus),
+}
+
+impl AnyBus {
+    /// Closes connections (Redis: QUIT).
+    pub async fn shutdown(&self) {
+        if let AnyBus::Redis(r) = self {
+            r.shutdown().await;
+        }
+    }
+}
+
+impl Bus for AnyBus {
+    async fn publish(&self, room: &RoomName, message: &MessageTemplate) -> Result<u64, BusError> {
+        match self {
+            AnyBus::Memory(b) => b.publish(room, message).await,
+            AnyBus::Redis(b) => b.publish(room, message).await,
+        }
+    }
+
+    async fn subscribe(&self, room: &RoomName) -> Result<(), BusError> {
+        match self {
+            AnyBus::Memory(b) => b.subscribe(room).await,
+            AnyBus::Redis(b) => b.subscribe(room).await,
+        }
+    }
+
+    async fn unsubscribe(&self, room: &RoomName) -> Result<(), BusError> {
+        match self {
+            AnyBus::Memory(b) => b.unsubscribe(room).await,
+            AnyBus::Redis(b) => b.unsubscribe(room).await,
+        }
+    }
+
+    async fn history(&self, room: &RoomName, since: Option<u64>) -> Result<History, BusError> {
+        match self {
+            AnyBus::Memory(b) => b.history(room, since).await,
+            AnyBus::Redis(b) => b.history(room, since).await,
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        match self {
+            AnyBus::Memory(b) => b.is_ready(),
+            AnyBus::Redis(b) => b.is_ready(),
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! The Redis bus (fred): one multiplexed client for commands, one subscriber client for
+//! the rooms this instance serves, and two Lua scripts that make publishing and history
+//! reads atomic.
+//!
+//! Publishing is one `EVALSHA` round trip: INCR the room's counter, render the frame with
+//! that id and Redis' clock, RPUSH + LTRIM the history, PUBLISH (SPUBLISH on a Cluster).
+//! Every command is sent at most once and bounded by `REDIS_TIMEOUT_MS`; fred drops a
+//! timed-out command it still holds, so an `unavailable` answer is not followed by a late
+//! store. (A command already written when the connection breaks has an unknown outcome:
+//! see docs/operations.md.)
+//!
+//! The reader task moves each pub/sub message to [`Hub::dispatch`]; it never waits on a
+//! client.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use axum::extract::ws::Utf8Bytes;
+use chat_protocol::{MessageTemplate, RoomName, peek_id};
+use fred::{
+    clients::SubscriberClient,
+    prelude::*,
+    types::{Message, config::Config as FredConfig, scripts::Script},
+};
+use tokio::{sync::broadcast::error::RecvError, task::JoinHandle};
+use tracing::{error, warn};
+
+use super::{Bus, BusError, History, Msg, keys::Keys};
+use crate::hub::Hub;
+
+/// KEYS: seq, history. ARGV: channel, head, middle, history size, publish command.
+const PUBLISH_LUA: &str = r"
+local id = redis.call('INCR', KEYS[1])
+local t = redis.call('TIME')
+local ts = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
+local msg = ARGV[2] .. id .. ARGV[3] .. ts .. '}'
+redis.call('RPUSH', KEYS[2], msg)
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
+redis.call(ARGV[5], ARGV[1], msg)
+return id
+";
+
+/// KEYS: seq, history. ARGV: since (-1 for none). Returns {top, entries}: the entries after
+/// `since` when all of them are retained, else every retained entry.
+const HISTORY_LUA: &str = r"
+local top = tonumber(redis.call('GET', KEYS[1]) or '0')
+local since = tonumber(ARGV[1])
+local n = redis.call('LLEN', KEYS[2])
+local start = 0
+if since >= 0 and since <= top then
+  local newer = top - since
+  if newer < n then start = n - newer end
+end
+if start >= n then return {top, {}} end
+return {top, redis.call('LRANGE', KEYS[2], start, -1)}
+";
+
+/// Messages fred may hold for the reader task before it reports a lag.
+const PUBSUB_BUFFER: usize = 8192;
+
+struct Inner {
+    commands: Client,
+    subscriber: SubscriberClient,
+    keys: Keys,
+    history_size: usize,
+    timeout: Duration,
+    sharded: bool,
+    publish: Script,
+    history: Script,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The Redis-backed bus.
+#[derive(Clone)]
+pub struct RedisBus {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for RedisBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBus")
+            .field("sharded", &self.inner.sharded)
+            .field("ready", &self.is_ready())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings the Redis bus takes from the gateway's configuration.
+#[derive(Clone, Debug)]
+pub struct RedisSettings {
+    /// `redis://`, `rediss://`, `redis-sentinel://` or `redis-cluster://` URL.
+    pub url: String,
+    /// Key prefix.
+    pub prefix: String,
+    /// Messages kept per room.
+    pub history_size: usize,
+    /// Longest wait for one command.
+    pub timeout: Duration,
+}
+
+impl RedisBus {
+    /// Builds the clients and starts connecting in the background (with reconnects);
+    /// fails only on an unusable URL. [`Bus::is_ready`] tells when Redis is reachable.
+    pub fn connect(settings: &RedisSettings, hub: Arc<Hub>) -> Result<Self, BusError> {
+        let mut config = FredConfig::from_url(&settings.url)?;
+        // Keep retrying a Redis that is down at start-up instead of exiting: `/readyz`
+        // says 503 meanwhile.
+        config.fail_fast = false;
+        let sharded = config.server.is_clustered();
+        let mut builder = Builder::from_config(config);
+        builder
+            .with_performance_config(|p| {
+                p.broadcast_channel_capacity = PUBSUB_BUFFER;
+                // Applies to every command. A command that times out while fred holds it
+                // (e.g. during a reconnect back-off) is marked and never written later, so
+                // an `unavailable` answer cannot be followed by a late store.
+                p.default_command_timeout = settings.timeout;
+            })
+            .with_connection_config(|c| {
+                c.connection_timeout = settings.timeout.max(Duration::from_secs(1));
+                c.internal_command_timeout = settings.timeout.max(Duration::from_secs(1));
+                // At most once: a command in flight when the connection breaks fails
+                // instead of being replayed after the reconnect.
+                c.max_command_attempts = 1;
+                c.tcp.nodelay = Some(true);
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
+        let commands = builder.build()?;
+        let subscriber = builder.build_subscriber_client()?;
+
+        let keys = Keys::new(&settings.prefix);
+        // Take the receiver before anything is subscribed so no message can be missed.
+        let messages = subscriber.message_rx();
+        let reader = tokio::spawn(read_messages(messages, keys.clone(), hub));
+        let commands_task = spawn_connection(&commands);
+        let subscriber_task = spawn_connection(&subscriber);
+        let resubscribe = subscriber.manage_subscriptions();
+
+        Ok(RedisBus {
+            inner: Arc::new(Inner {
+                commands,
+                subscriber,
+                keys,
+                history_size: settings.history_size,
+                timeout: settings.timeout,
+                sharded,
+                publish: Script::from_lua(PUBLISH_LUA),
+                history: Script::from_lua(HISTORY_LUA),
+                tasks: vec![reader, commands_task, subscriber_task, resubscribe],
+            }),
+        })
+    }
+
+    /// Waits until both connections are up.
+    pub async fn wait_connected(&self) {
+        for client in [
+            &self.inner.commands as &dyn ConnectedClient,
+            &self.inner.subscriber,
+        ] {
+            while !client.connected() {
+                client.wait().await;
+            }
+        }
+    }
+
+    /// Stops the reader and closes both connections.
+    pub async fn shutdown(&self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = self.inner.subscriber.quit().await;
+            let _ = self.inner.commands.quit().await;
+        })
+        .await;
+        for task in &self.inner.tasks {
+            task.abort();
+        }
+    }
+
+    async fn with_timeout<T>(
+        &self,
+        fut: impl Future<Output = Result<T, fred::error::Error>>,
+    ) -> Result<T, BusError> {
+        // fred's own command timeout answers first; this is a backstop.
+        match tokio::time::timeout(self.inner.timeout * 2, fut).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(BusError::Timeout),
+        }
+    }
+
+    /// Runs a script with EVALSHA, loading it first when Redis does not know it. fred's
+    /// command timeout bounds each step; the outer timeout is only a backstop.
+    async fn evalsha<R: FromValue>(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<R, BusError> {
+        let client = &self.inner.commands;
+        let run = async {
+            let first = client
+                .evalsha::<R, _, _, _>(script.sha1().clone(), keys.clone(), args.clone())
+                .await;
+            match first {
+                Err(e) if e.details().starts_with("NOSCRIPT") => {
+                    // First use on this Redis (or after SCRIPT FLUSH / a restart): the
+                    // script did not run, so loading it and trying again cannot double a
+                    // write.
+                    let lua = script.lua().cloned().unwrap_or_default();
+                    client.script_load_cluster::<(), _>(lua).await?;
+                    client.evalsha(script.sha1().clone(), keys, args).await
+                }
+                other => other,
+            }
+        };
+        match tokio::time::timeout(self.inner.timeout * 4, run).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(BusError::Timeout),
+        }
+    }
+}
+
+trait ConnectedClient: Sync {
+    fn connected(&self) -> bool;
+    fn wait(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+impl<C: ClientLike + EventInterface + Sync> ConnectedClient for C {
+    fn connected(&self) -> bool {
+        self.is_connected()
+    }
+
+    fn wait(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let _ = self.wait_for_connect().await;
+        })
+    }
+}
+
+fn spawn_connection<C: ClientLike>(client: &C) -> JoinHandle<()> {
+    let handle = client.connect();
+    tokio::spawn(async move {
+        match handle.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.is_canceled() => {}
+            Ok(Err(e)) => error!(error = %e, "redis connection task ended"),
+            Err(e) => error!(error = %e, "redis connection task failed"),
+        }
+    })
+}
+
+async fn read_messages(
+    mut messages: tokio::sync::broadcast::Receiver<Message>,
+    keys: Keys,
+    hub: Arc<Hub>,
+) {
+    loop {
+        match messages.recv().await {
+            Ok(message) => {
+                let Some(room) = keys.room_of_channel(&message.channel) else {
+                    continue;
+                };
+                match to_msg(message.value) {
+                    Some(msg) => hub.dispatch(room, msg),
+                    None => warn!(%room, "ignoring a pub/sub payload that is not a message frame"),
+                }
+            }
+            Err(RecvError::Lagged(n)) => {
+                // Reliability work (backfill from history) will close this gap; until then
+                // it is at least loud.
+                error!(skipped = n, "pub/sub reader lagged; messages were skipped");
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+fn to_msg(value: Value) -> Option<Msg> {
+    let bytes = value.into_bytes()?;
+    let id = peek_id(&bytes)?;
+    let frame = Utf8Bytes::try_from(bytes).ok()?;
+    Some(Msg { id, frame })
+}
+
+impl Bus for RedisBus {
+    async fn publish(&self, room: &RoomName, message: &MessageTemplate) -> Result<u64, BusError> {
+        if !self.inner.commands.is_connected() {
+            return Err(BusError::Disconnected);
+        }
+        let k = &self.inner.keys;
+        let command = if self.inner.sharded {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
+        self.evalsha(
+            &self.inner.publish,
+            vec![k.seq(room), k.history(room)],
+            vec![
+                k.channel(room),
+                message.head.clone(),
+                message.middle.clone(),
+                self.inner.history_size.to_string(),
+                command.to_owned(),
+            ],
+        )
+        .await
+    }
+
+    async fn subscribe(&self, room: &RoomName) -> Result<(), BusError> {
+        let s = &self.inner.subscriber;
+        if !s.is_connected() {
+            return Err(BusError::Disconnected);
+        }
+        let channel = self.inner.keys.channel(room);
+        if self.inner.sharded {
+            self.with_timeout(s.ssubscribe(channel)).await
+        } else {
+            self.with_timeout(s.subscribe(channel)).await
+        }
+    }
+
+    async fn unsubscribe(&self, room: &RoomName) -> Result<(), BusError> {
+        let s = &self.inner.subscriber;
+        let channel = self.inner.keys.channel(room);
+        if self.inner.sharded {
+            self.with_timeout(s.sunsubscribe(channel)).await
+        } else {
+            self.with_timeout(s.unsubscribe(channel)).await
+        }
+    }
+
+    async fn history(&self, room: &RoomName, since: Option<u64>) -> Result<History, BusError> {
+        if !self.inner.commands.is_connected() {
+            return Err(BusError::Disconnected);
+        }
+        let k = &self.inner.keys;
+        let since = since.map_or_else(|| "-1".to_owned(), |s| s.to_string());
+        let reply: Value = self
+            .evalsha(
+                &self.inner.history,
+                vec![k.seq(room), k.history(room)],
+                vec![since],
+            )
+            .await?;
+        let mut parts = reply.into_array().into_iter();
+        let top = parts
+            .next()
+            .and_then(|v| v.as_u64())
+            .ok_or(BusError::Corrupt("history top is not an integer"))?;
+        let entries = parts
+            .next()
+            .ok_or(BusError::Corrupt("history reply has no entries"))?;
+        let messages = entries
+            .into_array()
+            .into_iter()
+            .map(|v| to_msg(v).ok_or(BusError::Corrupt("history entry is not a message frame")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(History { top, messages })
+    }
+
+    fn is_ready(&self) -> bool {
+        self.inner.commands.is_connected() && self.inner.subscriber.is_connected()
+    }
+}

@@ -1,0 +1,303 @@
+//! Configuration from the environment (and a `.env` file outside production), validated
+//! before anything binds a port. `Debug` never shows the Redis password.
+
+use std::{fmt, net::IpAddr, time::Duration};
+
+use chat_protocol::RoomName;
+use serde::Deserialize;
+
+/// A configuration the gateway refuses to start with; names the variable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// envy could not parse a variable (its message names the variable).
+    #[error("invalid environment: {0}")]
+    Env(#[from] envy::Error),
+    /// A variable parsed but its value is not acceptable.
+    #[error("invalid {var}: {reason}")]
+    Invalid {
+        /// The environment variable.
+        var: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable, coloured when on a terminal.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything the gateway reads from the environment.
+#[derive(Clone)]
+pub struct Config {
+    /// Address to bind (`HOST`, default `0.0.0.0`).
+    pub host: IpAddr,
+    /// Port to bind (`PORT`, default 4444).
+    pub port: u16,
+    /// Redis URL (`REDIS_URL`); `None` runs a single instance on the in-process bus.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key and channel (`REDIS_PREFIX`, default `chat`).
+    pub redis_prefix: String,
+    /// Room joined on connect when the query names none (`DEFAULT_ROOM`, default `general`).
+    pub default_room: RoomName,
+    /// Messages kept per room (`HISTORY_SIZE`, default 200).
+    pub history_size: usize,
+    /// Largest `text`, bytes (`MAX_TEXT_BYTES`, default 4096).
+    pub max_text_bytes: usize,
+    /// Largest incoming WebSocket message, bytes (`MAX_FRAME_BYTES`, default 65536).
+    pub max_frame_bytes: usize,
+    /// Live messages queued per client before it is closed as too slow (`CLIENT_QUEUE`, default 1024).
+    pub client_queue: usize,
+    /// Seconds between server pings (`PING_INTERVAL_SECS`, default 25).
+    pub ping_interval: Duration,
+    /// A socket write that takes longer closes the connection (`WRITE_TIMEOUT_SECS`, default 10).
+    pub write_timeout: Duration,
+    /// Longest wait for Redis on one command before answering `unavailable` (`REDIS_TIMEOUT_MS`, default 2000).
+    pub redis_timeout: Duration,
+    /// How long shutdown waits for connections to close (`SHUTDOWN_GRACE_SECS`, default 25).
+    pub shutdown_grace: Duration,
+    /// This instance's id in `welcome` and logs (`INSTANCE_ID`; default `DYNO`, else hostname + suffix).
+    pub instance_id: String,
+    /// Log format (`LOG_FORMAT`: `pretty` or `json`).
+    pub log_format: LogFormat,
+    /// Serve the web client from this directory instead of the embedded copy (`WEB_DIR`).
+    pub web_dir: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Raw {
+    host: Option<IpAddr>,
+    port: Option<u16>,
+    redis_url: Option<String>,
+    redis_prefix: Option<String>,
+    default_room: Option<String>,
+    history_size: Option<usize>,
+    max_text_bytes: Option<usize>,
+    max_frame_bytes: Option<usize>,
+    client_queue: Option<usize>,
+    ping_interval_secs: Option<u64>,
+    write_timeout_secs: Option<u64>,
+    redis_timeout_ms: Option<u64>,
+    shutdown_grace_secs: Option<u64>,
+    instance_id: Option<String>,
+    dyno: Option<String>,
+    log_format: Option<String>,
+    web_dir: Option<String>,
+}
+
+impl Config {
+    /// Reads the process environment, after loading `.env` unless `APP_ENV=production`.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        if std::env::var("APP_ENV").as_deref() != Ok("production") {
+            // A missing .env is normal; a malformed one is reported by the variables it breaks.
+            let _ = dotenvy::dotenv();
+        }
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Reads configuration from explicit `(NAME, value)` pairs (tests use this).
+    pub fn from_vars<I>(vars: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        // An empty variable means "unset", as in most deploy tools' UIs.
+        let raw: Raw = envy::from_iter(vars.into_iter().filter(|(_, v)| !v.is_empty()))?;
+        Self::validate(raw)
+    }
+
+    /// Defaults for everything: embedded mode on port 4444.
+    pub fn defaults() -> Self {
+        // The empty environment is always valid.
+        match Self::from_vars(std::iter::empty()) {
+            Ok(c) => c,
+            Err(e) => unreachable!("defaults are valid: {e}"),
+        }
+    }
+
+    fn validate(raw: Raw) -> Result<Self, ConfigError> {
+        let invalid = |var: &'static str, reason: &str| ConfigError::Invalid {
+            var,
+            reason: reason.to_owned(),
+        };
+        let redis_prefix = raw.redis_prefix.unwrap_or_else(|| "chat".into());
+        if redis_prefix.contains(['{', '}']) || redis_prefix.chars().any(char::is_whitespace) {
+            return Err(invalid("REDIS_PREFIX", "must not contain braces or spaces"));
+        }
+        let default_room = raw.default_room.as_deref().unwrap_or("general");
+        let default_room =
+            RoomName::new(default_room).map_err(|e| invalid("DEFAULT_ROOM", &e.to_string()))?;
+        let history_size = raw.history_size.unwrap_or(200);
+        if !(1..=100_000).contains(&history_size) {
+            return Err(invalid("HISTORY_SIZE", "must be between 1 and 100000"));
+        }
+        let max_frame_bytes = raw.max_frame_bytes.unwrap_or(65_536);
+        if !(1024..=16 << 20).contains(&max_frame_bytes) {
+            return Err(invalid(
+                "MAX_FRAME_BYTES",
+                "must be between 1024 and 16777216",
+            ));
+        }
+        let max_text_bytes = raw.max_text_bytes.unwrap_or(4096);
+        if max_text_bytes == 0 || max_text_bytes > max_frame_bytes {
+            return Err(invalid(
+                "MAX_TEXT_BYTES",
+                "must be at least 1 and at most MAX_FRAME_BYTES",
+            ));
+        }
+        let client_queue = raw.client_queue.unwrap_or(1024);
+        if !(1..=1_000_000).contains(&client_queue) {
+            return Err(invalid("CLIENT_QUEUE", "must be between 1 and 1000000"));
+        }
+        let secs = |v: Option<u64>, default: u64, var: &'static str, max: u64| {
+            let v = v.unwrap_or(default);
+            if (1..=max).contains(&v) {
+                Ok(Duration::from_secs(v))
+            } else {
+                Err(invalid(
+                    var,
+                    &format!("must be between 1 and {max} seconds"),
+                ))
+            }
+        };
+        let ping_interval = secs(raw.ping_interval_secs, 25, "PING_INTERVAL_SECS", 3600)?;
+        let write_timeout = secs(raw.write_timeout_secs, 10, "WRITE_TIMEOUT_SECS", 3600)?;
+        let shutdown_grace = secs(raw.shutdown_grace_secs, 25, "SHUTDOWN_GRACE_SECS", 3600)?;
+        let redis_timeout = raw.redis_timeout_ms.unwrap_or(2000);
+        if !(10..=60_000).contains(&redis_timeout) {
+            return Err(invalid("REDIS_TIMEOUT_MS", "must be between 10 and 60000"));
+        }
+        let log_format = match raw.log_format.as_deref() {
+            None | Some("pretty") => LogFormat::Pretty,
+            Some("json") => LogFormat::Json,
+            Some(_) => return Err(invalid("LOG_FORMAT", "must be `pretty` or `json`")),
+        };
+        let instance_id = match raw.instance_id.or(raw.dyno) {
+            Some(id) => id,
+            None => format!(
+                "{}-{:04x}",
+                gethostname::gethostname().to_string_lossy(),
+                fastrand::u16(..)
+            ),
+        };
+        if instance_id.len() > 128 || instance_id.chars().any(char::is_control) {
+            return Err(invalid(
+                "INSTANCE_ID",
+                "must be at most 128 bytes without control characters",
+            ));
+        }
+        Ok(Config {
+            host: raw.host.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            port: raw.port.unwrap_or(4444),
+            redis_url: raw.redis_url,
+            redis_prefix,
+            default_room,
+            history_size,
+            max_text_bytes,
+            max_frame_bytes,
+            client_queue,
+            ping_interval,
+            write_timeout,
+            redis_timeout: Duration::from_millis(redis_timeout),
+            shutdown_grace,
+            instance_id,
+            log_format,
+            web_dir: raw.web_dir,
+        })
+    }
+}
+
+/// `redis://user:secret@host` → `redis://user:***@host`.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "***".into();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("redis_prefix", &self.redis_prefix)
+            .field("default_room", &self.default_room)
+            .field("history_size", &self.history_size)
+            .field("max_text_bytes", &self.max_text_bytes)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("client_queue", &self.client_queue)
+            .field("ping_interval", &self.ping_interval)
+            .field("write_timeout", &self.write_timeout)
+            .field("redis_timeout", &self.redis_timeout)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("instance_id", &self.instance_id)
+            .field("log_format", &self.log_format)
+            .field("web_dir", &self.web_dir)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.port, 4444);
+        assert_eq!(c.redis_url, None);
+        assert_eq!(c.default_room.as_str(), "general");
+        assert_eq!(c.history_size, 200);
+        assert_eq!(c.ping_interval, Duration::from_secs(25));
+        assert_eq!(c.log_format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        for (vars, name) in [
+            (&[("PORT", "http")][..], "PORT"),
+            (&[("HISTORY_SIZE", "0")][..], "HISTORY_SIZE"),
+            (&[("DEFAULT_ROOM", "a b")][..], "DEFAULT_ROOM"),
+            (&[("LOG_FORMAT", "xml")][..], "LOG_FORMAT"),
+            (&[("PING_INTERVAL_SECS", "-1")][..], "PING_INTERVAL_SECS"),
+            (&[("MAX_TEXT_BYTES", "100000")][..], "MAX_TEXT_BYTES"),
+            (&[("REDIS_PREFIX", "a{b")][..], "REDIS_PREFIX"),
+        ] {
+            let err = cfg(vars).unwrap_err().to_string();
+            assert!(err.contains(name), "{err:?} should name {name}");
+        }
+    }
+
+    #[test]
+    fn instance_id_falls_back_to_dyno() {
+        assert_eq!(cfg(&[("DYNO", "web.3")]).unwrap().instance_id, "web.3");
+        assert_eq!(
+            cfg(&[("DYNO", "web.3"), ("INSTANCE_ID", "a")])
+                .unwrap()
+                .instance_id,
+            "a"
+        );
+    }
+
+    #[test]
+    fn debug_hides_the_redis_password() {
+        let c = cfg(&[("REDIS_URL", "rediss://:s3cret@example.com:6380")]).unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("example.com:6380"), "{shown}");
+    }
+}

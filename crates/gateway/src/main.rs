@@ -1,0 +1,43 @@
+//! `chat-gateway`: read the configuration, start logging, serve until SIGTERM or SIGINT.
+
+use anyhow::Context;
+use chat_gateway::{App, Config, telemetry};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("chat-gateway: {err}");
+            std::process::exit(2);
+        }
+    };
+    telemetry::init(config.log_format);
+    let app = App::build(config).await.context("start-up failed")?;
+    app.run(shutdown_signal()).await.context("server failed")?;
+    Ok(())
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM (Heroku, Kubernetes, docker stop).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}

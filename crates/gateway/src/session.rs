@@ -1,0 +1,594 @@
+//! One WebSocket connection: the reader/processor (this task) and the writer task.
+//!
+//! The session reads frames in order and acts on them one at a time (join with history
+//! replay, leave, send). Everything it says goes through the connection's [`Outbox`];
+//! the writer task is the only one touching the socket's write half. It drains the outbox
+//! in batches (one flush per batch), sends keep-alive pings and closes the socket with the
+//! code the outbox's [`CloseReason`] maps to.
+//!
+//! `/websocket` connections (the original sample's clients) run the same session with
+//! `legacy = true`: only `message` frames are ever sent to them.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use chat_protocol::{
+    ClientFrame, ErrorCode, FrameError, Limits, MessageTemplate, PROTOCOL_VERSION, RoomName,
+    ServerFrame, Username, close, parse_client_frame,
+};
+use futures_util::{
+    SinkExt, StreamExt,
+    stream::{SplitSink, SplitStream},
+};
+use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::{
+    app::AppState,
+    bus::{Bus, History, Msg},
+    hub::{ConnId, GoLive},
+    outbox::{CloseReason, Outbox},
+};
+
+/// The username used when neither the frame nor the connection gives one.
+pub const ANONYMOUS: &str = "anonymous";
+
+/// Frames the writer sends per flush at most.
+const WRITE_BATCH: usize = 64;
+
+/// The query parameters of a connect request, unvalidated.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectParams {
+    /// `room`
+    pub room: Option<String>,
+    /// `since`
+    pub since: Option<String>,
+    /// `username`
+    pub username: Option<String>,
+}
+
+impl ConnectParams {
+    /// Picks the parameters out of a parsed query string.
+    pub fn from_query(mut q: HashMap<String, String>) -> Self {
+        ConnectParams {
+            room: q.remove("room"),
+            since: q.remove("since"),
+            username: q.remove("username"),
+        }
+    }
+}
+
+struct Session {
+    state: Arc<AppState>,
+    conn: ConnId,
+    outbox: Arc<Outbox>,
+    legacy: bool,
+    username: Option<Username>,
+    /// Rooms in join order; `false` while the join's replay is in progress.
+    rooms: Vec<(RoomName, bool)>,
+}
+
+/// Serves one upgraded WebSocket until it closes.
+pub async fn run(socket: WebSocket, state: Arc<AppState>, params: ConnectParams, legacy: bool) {
+    let conn = state.next_conn_id();
+    let span = info_span!("conn", conn, instance = %state.config.instance_id, legacy);
+    async move {
+        let (sink, stream) = socket.split();
+        let outbox = Arc::new(Outbox::new(state.config.client_queue));
+        let writer = tokio::spawn(
+            write_loop(
+                sink,
+                outbox.clone(),
+                state.config.ping_interval,
+                state.config.write_timeout,
+            )
+            .in_current_span(),
+        );
+        let mut session = Session {
+            state,
+            conn,
+            outbox,
+            legacy,
+            username: None,
+            rooms: Vec::new(),
+        };
+        debug!("connected");
+        let stream = session.serve(stream, params).await;
+        session.leave_all();
+        session.outbox.close(CloseReason::Gone);
+        let _ = writer.await;
+        // Let the peer's answer to our close frame arrive, briefly, for a clean close.
+        if let Some(mut stream) = stream {
+            let _ = timeout(Duration::from_secs(1), async {
+                while stream.next().await.is_some() {}
+            })
+            .await;
+        }
+        debug!("disconnected");
+    }
+    .instrument(span)
+    .await;
+}
+
+impl Session {
+    /// Runs until the peer leaves, the outbox closes or the instance shuts down. Returns the
+    /// read half when a close handshake may still be completed.
+    async fn serve(
+        &mut self,
+        mut stream: SplitStream<WebSocket>,
+        params: ConnectParams,
+    ) -> Option<SplitStream<WebSocket>> {
+        let shutdown = self.state.shutdown.clone();
+        let outbox = self.outbox.clone();
+        let done = outbox.done();
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => {
+                outbox.close(CloseReason::Restart);
+                return Some(stream);
+            }
+            () = done.cancelled() => return Some(stream),
+            () = self.start(params) => {}
+        }
+        loop {
+            let next = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    outbox.close(CloseReason::Restart);
+                    return Some(stream);
+                }
+                () = done.cancelled() => return Some(stream),
+                next = stream.next() => next,
+            };
+            let message = match next {
+                None => return None,
+                Some(Err(err)) => {
+                    if is_capacity_error(&err) {
+                        outbox.close(CloseReason::TooBig);
+                        return Some(stream);
+                    }
+                    debug!(error = %err, "read failed");
+                    return None;
+                }
+                Some(Ok(message)) => message,
+            };
+            outbox.mark_alive();
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    outbox.close(CloseReason::Restart);
+                    return Some(stream);
+                }
+                () = done.cancelled() => return Some(stream),
+                () = self.on_message(message) => {}
+            }
+        }
+    }
+
+    /// Applies the connect query: username, then the automatic join.
+    async fn start(&mut self, params: ConnectParams) {
+        if !self.legacy {
+            let welcome = ServerFrame::Welcome {
+                instance: self.state.config.instance_id.clone(),
+                conn: self.conn.to_string(),
+                protocol: PROTOCOL_VERSION,
+            };
+            self.reply(welcome).await;
+        }
+        if let Some(name) = params.username {
+            match Username::new(&name) {
+                Ok(name) => self.username = Some(name),
+                Err(e) => {
+                    let err = FrameError::new(
+                        ErrorCode::InvalidUsername,
+                        format!("query parameter `username`: {e}"),
+                    );
+                    self.refuse(err).await;
+                }
+            }
+        }
+        let room = match params.room {
+            None => Ok(self.state.config.default_room.clone()),
+            Some(r) => RoomName::new(&r).map_err(|e| {
+                FrameError::new(
+                    ErrorCode::InvalidRoom,
+                    format!("query parameter `room`: {e}"),
+                )
+            }),
+        };
+        let since = match params.since {
+            None => Ok(None),
+            Some(s) => s.parse::<u64>().map(Some).map_err(|_| {
+                FrameError::new(
+                    ErrorCode::BadRequest,
+                    "query parameter `since` must be a non-negative integer",
+                )
+            }),
+        };
+        match (room, since) {
+            (Ok(room), Ok(since)) => self.join(room, since, None).await,
+            (Err(e), _) | (_, Err(e)) => self.refuse(e).await,
+        }
+    }
+
+    async fn on_message(&mut self, message: Message) {
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Binary(_) => {
+                let err = FrameError::new(
+                    ErrorCode::BadRequest,
+                    "binary frames are not supported: send JSON text frames",
+                );
+                return self.refuse(err).await;
+            }
+            // Pings are answered by the WebSocket layer; a close handshake finishes when
+            // the stream ends.
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) => return,
+        };
+        let limits = Limits {
+            max_text_bytes: self.state.config.max_text_bytes,
+        };
+        match parse_client_frame(text.as_str(), limits) {
+            Ok(ClientFrame::Join {
+                room,
+                since,
+                reference,
+            }) => self.join(room, since, reference).await,
+            Ok(ClientFrame::Leave { room, reference }) => self.leave(room, reference).await,
+            Ok(ClientFrame::Send {
+                room,
+                text,
+                username,
+                reference,
+            }) => self.send(room, text, username, reference).await,
+            Err(err) => self.refuse(err).await,
+        }
+    }
+
+    async fn join(&mut self, room: RoomName, since: Option<u64>, reference: Option<String>) {
+        if self.rooms.iter().any(|(r, _)| *r == room) {
+            let err = FrameError::new(ErrorCode::BadRequest, format!("already joined {room}"));
+            return self.refuse(err.with_ref(reference)).await;
+        }
+        self.rooms.push((room.clone(), false));
+        let state = self.state.clone();
+        if let Err(err) = state
+            .hub
+            .join(&room, self.conn, self.outbox.clone(), &state.bus)
+            .await
+        {
+            warn!(%room, error = %err, "join failed");
+            return self.abort_join(&room, err.to_string(), reference).await;
+        }
+        let mut since = since;
+        let mut recovered = true;
+        let mut first_pass = true;
+        loop {
+            let history = match state.bus.history(&room, since).await {
+                Ok(h) => h,
+                Err(err) => {
+                    warn!(%room, error = %err, "history read failed");
+                    return self.abort_join(&room, err.to_string(), reference).await;
+                }
+            };
+            let plan = ReplayPlan::new(since, history);
+            if !first_pass && !plan.recovered {
+                // The room moved faster than this client read its replay, beyond history.
+                self.outbox.close(CloseReason::TooSlow);
+                return;
+            }
+            recovered &= plan.recovered;
+            for msg in plan.messages {
+                if self.outbox.push(msg.frame).await.is_err() {
+                    return;
+                }
+            }
+            let legacy = self.legacy;
+            let joined = |last_id| {
+                (!legacy).then(|| {
+                    let frame = ServerFrame::Joined {
+                        room: room.to_string(),
+                        last_id,
+                        recovered,
+                    };
+                    Utf8Bytes::from(frame.to_json())
+                })
+            };
+            match state.hub.go_live(&room, self.conn, plan.last_id, joined) {
+                GoLive::Live(last_id) => {
+                    debug!(%room, last_id, recovered, "joined");
+                    if let Some(entry) = self.rooms.iter_mut().find(|(r, _)| *r == room) {
+                        entry.1 = true;
+                    }
+                    return;
+                }
+                GoLive::Retry => {
+                    since = Some(plan.last_id);
+                    first_pass = false;
+                }
+                GoLive::Gone => return,
+            }
+        }
+    }
+
+    async fn abort_join(&mut self, room: &RoomName, why: String, reference: Option<String>) {
+        self.rooms.retain(|(r, _)| r != room);
+        if let Some(release) = self.state.hub.leave(room, self.conn, &self.state.bus) {
+            release.await;
+        }
+        let err = FrameError::new(ErrorCode::Unavailable, format!("cannot join {room}: {why}"));
+        self.refuse(err.with_ref(reference)).await;
+    }
+
+    async fn leave(&mut self, room: RoomName, reference: Option<String>) {
+        let Some(pos) = self.rooms.iter().position(|(r, live)| *r == room && *live) else {
+            let err = FrameError::new(ErrorCode::NotJoined, format!("not in room {room}"));
+            return self.refuse(err.with_ref(reference)).await;
+        };
+        self.rooms.remove(pos);
+        // Wait for a possible unsubscribe so that after `left` this instance no longer
+        // receives the room's traffic because of this client.
+        if let Some(release) = self.state.hub.leave(&room, self.conn, &self.state.bus) {
+            release.await;
+        }
+        self.reply(ServerFrame::Left {
+            room: room.to_string(),
+        })
+        .await;
+    }
+
+    async fn send(
+        &mut self,
+        room: Option<RoomName>,
+        text: String,
+        username: Option<Username>,
+        reference: Option<String>,
+    ) {
+        let room = match room {
+            Some(room) if self.rooms.iter().any(|(r, live)| *r == room && *live) => room,
+            Some(room) => {
+                let err = FrameError::new(
+                    ErrorCode::NotJoined,
+                    format!("join {room} before sending to it"),
+                );
+                return self.refuse(err.with_ref(reference)).await;
+            }
+            None => match self.rooms.iter().find(|(_, live)| *live) {
+                Some((room, _)) => room.clone(),
+                None => {
+                    let err = FrameError::new(ErrorCode::NotJoined, "join a room before sending");
+                    return self.refuse(err.with_ref(reference)).await;
+                }
+            },
+        };
+        let username = username
+            .as_ref()
+            .or(self.username.as_ref())
+            .map_or(ANONYMOUS, Username::as_str);
+        let template = MessageTemplate::new(&room, username, &text);
+        match self.state.bus.publish(&room, &template).await {
+            Ok(id) => {
+                if let Some(reference) = reference {
+                    let ack = ServerFrame::Ack {
+                        reference,
+                        room: room.to_string(),
+                        id,
+                    };
+                    self.reply(ack).await;
+                }
+            }
+            Err(err) => {
+                warn!(%room, error = %err, "publish failed");
+                let err = FrameError::new(
+                    ErrorCode::Unavailable,
+                    format!("message not stored, try again: {err}"),
+                );
+                self.refuse(err.with_ref(reference)).await;
+            }
+        }
+    }
+
+    async fn refuse(&mut self, err: FrameError) {
+        debug!(code = %err.code, message = %err.message, "refused");
+        self.reply(ServerFrame::Error {
+            code: err.code,
+            message: err.message,
+            reference: err.reference,
+        })
+        .await;
+    }
+
+    /// Sends a control frame (never on `/websocket`, whose clients render every frame).
+    async fn reply(&mut self, frame: ServerFrame) {
+        if !self.legacy {
+            let _ = self.outbox.push(frame.to_json().into()).await;
+        }
+    }
+
+    fn leave_all(&mut self) {
+        for (room, _) in self.rooms.drain(..) {
+            if let Some(release) = self.state.hub.leave(&room, self.conn, &self.state.bus) {
+                tokio::spawn(release);
+            }
+        }
+    }
+}
+
+/// What a join replays, given the client's `since` and what the bus returned.
+#[derive(Debug, PartialEq, Eq)]
+struct ReplayPlan {
+    messages: Vec<Msg>,
+    recovered: bool,
+    last_id: u64,
+}
+
+impl ReplayPlan {
+    fn new(since: Option<u64>, history: History) -> Self {
+        let History { top, messages } = history;
+        let recovered = match since {
+            None => true,
+            Some(s) if s > top => false,
+            Some(s) => match messages.first() {
+                Some(first) => first.id <= s + 1,
+                None => s == top,
+            },
+        };
+        let messages = match since {
+            Some(s) if recovered => messages.into_iter().filter(|m| m.id > s).collect(),
+            _ => messages,
+        };
+        ReplayPlan {
+            messages,
+            recovered,
+            last_id: top,
+        }
+    }
+}
+
+fn is_capacity_error(err: &axum::Error) -> bool {
+    use std::error::Error as _;
+    let mut source = err.source();
+    while let Some(e) = source {
+        if let Some(t) = e.downcast_ref::<tungstenite::Error>() {
+            return matches!(t, tungstenite::Error::Capacity(_));
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// The writer task: batches, pings, close frames.
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    outbox: Arc<Outbox>,
+    ping_every: Duration,
+    write_timeout: Duration,
+) {
+    let mut batch = Vec::new();
+    let mut ticker = interval_at(Instant::now() + ping_every, ping_every);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut unanswered = 0u32;
+    let reason = loop {
+        tokio::select! {
+            next = outbox.next_batch(&mut batch, WRITE_BATCH) => {
+                if let Err(reason) = next {
+                    break reason;
+                }
+                let write = async {
+                    for frame in batch.drain(..) {
+                        sink.feed(Message::Text(frame)).await?;
+                    }
+                    sink.flush().await
+                };
+                match timeout(write_timeout, write).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => {
+                        debug!(error = %err, "write failed");
+                        break CloseReason::Gone;
+                    }
+                    Err(_) => {
+                        debug!("write timed out");
+                        break CloseReason::TooSlow;
+                    }
+                }
+            }
+            _ = ticker.tick() => {
+                if outbox.take_alive() {
+                    unanswered = 0;
+                } else {
+                    unanswered += 1;
+                    if unanswered >= 2 {
+                        debug!("peer missed two pings");
+                        break CloseReason::Gone;
+                    }
+                }
+                let ping = timeout(write_timeout, sink.send(Message::Ping(Default::default())));
+                if !matches!(ping.await, Ok(Ok(()))) {
+                    break CloseReason::Gone;
+                }
+            }
+        }
+    };
+    outbox.close(reason);
+    let code = match reason {
+        CloseReason::TooSlow => close::TRY_AGAIN,
+        CloseReason::TooBig => close::TOO_BIG,
+        CloseReason::Restart => close::RESTART,
+        CloseReason::Gone => return,
+    };
+    let text = match reason {
+        CloseReason::TooSlow => "too slow: reconnect with since",
+        CloseReason::TooBig => "frame too large",
+        _ => "server restarting: reconnect",
+    };
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(text),
+    };
+    let _ = timeout(write_timeout, sink.send(Message::Close(Some(frame)))).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(top: u64, ids: &[u64]) -> History {
+        History {
+            top,
+            messages: ids
+                .iter()
+                .copied()
+                .map(|id| Msg {
+                    id,
+                    frame: Utf8Bytes::from(id.to_string()),
+                })
+                .collect(),
+        }
+    }
+
+    fn plan(since: Option<u64>, history: History) -> (Vec<u64>, bool, u64) {
+        let p = ReplayPlan::new(since, history);
+        (
+            p.messages.iter().map(|m| m.id).collect(),
+            p.recovered,
+            p.last_id,
+        )
+    }
+
+    #[test]
+    fn replay_plans() {
+        // empty room
+        assert_eq!(plan(None, h(0, &[])), (vec![], true, 0));
+        assert_eq!(plan(Some(0), h(0, &[])), (vec![], true, 0));
+        // fresh join replays everything retained
+        assert_eq!(
+            plan(None, h(10, &(6..=10).collect::<Vec<_>>())),
+            (vec![6, 7, 8, 9, 10], true, 10)
+        );
+        // resume within history
+        assert_eq!(
+            plan(Some(8), h(10, &(9..=10).collect::<Vec<_>>())),
+            (vec![9, 10], true, 10)
+        );
+        assert_eq!(
+            plan(Some(8), h(10, &(6..=10).collect::<Vec<_>>())),
+            (vec![9, 10], true, 10)
+        );
+        assert_eq!(
+            plan(Some(5), h(10, &(6..=10).collect::<Vec<_>>())),
+            (vec![6, 7, 8, 9, 10], true, 10)
+        );
+        assert_eq!(plan(Some(10), h(10, &[])), (vec![], true, 10));
+        // too old: some messages are gone
+        assert_eq!(
+            plan(Some(4), h(10, &(6..=10).collect::<Vec<_>>())),
+            (vec![6, 7, 8, 9, 10], false, 10)
+        );
+        // from the future (the room was reset)
+        assert_eq!(
+            plan(Some(12), h(10, &(6..=10).collect::<Vec<_>>())),
+            (vec![6, 7, 8, 9, 10], false, 10)
+        );
+        assert_eq!(plan(Some(3), h(0, &[])), (vec![], false, 0));
+    }
+}

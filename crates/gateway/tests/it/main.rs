@@ -1,0 +1,67 @@
+//! Integration tests: real gateways on free ports, real WebSocket clients, and a private
+
+#![allow(missing_debug_implementations)]
+//! `redis-server` per Redis-backed test (see `chat-testkit`).
+
+mod lifecycle;
+mod multi;
+mod single;
+
+use chat_testkit::{RedisServer, TestGateway, WsClient};
+
+/// One test's world: a private Redis, or none (the in-process bus).
+pub struct Env {
+    pub redis: Option<RedisServer>,
+}
+
+impl Env {
+    pub async fn memory() -> anyhow::Result<Self> {
+        Ok(Env { redis: None })
+    }
+
+    pub async fn redis() -> anyhow::Result<Self> {
+        Ok(Env {
+            redis: Some(RedisServer::start().await?),
+        })
+    }
+
+    /// A gateway on this world's bus, configured by `vars`.
+    pub async fn gateway(&self, vars: &[(&str, &str)]) -> anyhow::Result<TestGateway> {
+        match &self.redis {
+            Some(r) => TestGateway::with_redis(&r.url(), vars).await,
+            None => TestGateway::start(vars).await,
+        }
+    }
+}
+
+/// Connects to `/ws{query}` and reads `welcome` and the automatic join's replay.
+pub async fn connect(
+    gw: &TestGateway,
+    query: &str,
+    room: &str,
+) -> anyhow::Result<(WsClient, chat_testkit::Joined)> {
+    let (mut c, _) = WsClient::connect_ws(&gw.ws_url(&format!("/ws{query}"))).await?;
+    let joined = c.until_joined(room).await?;
+    Ok((c, joined))
+}
+
+/// Runs each named `async fn(Env) -> anyhow::Result<()>` once on the memory bus and once
+/// on a private Redis.
+#[macro_export]
+macro_rules! on_both_buses {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn memory() -> anyhow::Result<()> {
+                    super::$name($crate::Env::memory().await?).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis() -> anyhow::Result<()> {
+                    super::$name($crate::Env::redis().await?).await
+                }
+            }
+        )*
+    };
+}

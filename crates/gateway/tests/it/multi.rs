@@ -1,0 +1,234 @@
+//! Several instances on one private Redis: fan-out, gap-free joins under load,
+//! subscription bookkeeping, readiness.
+
+use std::time::Duration;
+
+use anyhow::{bail, ensure};
+use chat_protocol::{ErrorCode, ServerFrame};
+use chat_testkit::{RedisServer, TestGateway, WAIT, WsClient};
+use fred::prelude::*;
+use serde_json::json;
+
+use crate::connect;
+
+async fn two(redis: &RedisServer) -> anyhow::Result<(TestGateway, TestGateway)> {
+    let a = TestGateway::with_redis(&redis.url(), &[("INSTANCE_ID", "gw-a")]).await?;
+    let b = TestGateway::with_redis(&redis.url(), &[("INSTANCE_ID", "gw-b")]).await?;
+    Ok((a, b))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_cross_instances_with_consecutive_ids() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let (gw_a, gw_b) = two(&redis).await?;
+    let (mut a, ia) = WsClient::connect_ws(&gw_a.ws_url("/ws?room=x&username=ann")).await?;
+    let (mut b, ib) = WsClient::connect_ws(&gw_b.ws_url("/ws?room=x&username=bob")).await?;
+    assert_eq!((ia.as_str(), ib.as_str()), ("gw-a", "gw-b"));
+    a.until_joined("x").await?;
+    b.until_joined("x").await?;
+    for round in 0..5u64 {
+        a.say("x", &format!("from a {round}"), None).await?;
+        let (ma, mb) = (a.recv_message().await?, b.recv_message().await?);
+        assert_eq!((ma.id, mb.id), (2 * round + 1, 2 * round + 1));
+        assert_eq!(
+            (mb.username.as_str(), mb.text),
+            ("ann", format!("from a {round}"))
+        );
+        b.say("x", &format!("from b {round}"), None).await?;
+        let (ma, mb) = (a.recv_message().await?, b.recv_message().await?);
+        assert_eq!((ma.id, mb.id), (2 * round + 2, 2 * round + 2));
+        assert_eq!(ma.username, "bob");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_with_since_on_another_instance() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let (gw_a, gw_b) = two(&redis).await?;
+    let (mut a, _) = connect(&gw_a, "?room=r", "r").await?;
+    for i in 1..=10 {
+        a.say("r", &format!("n{i}"), None).await?;
+        a.recv_message().await?;
+    }
+    let (_b, j) = connect(&gw_b, "?room=r&since=7", "r").await?;
+    assert_eq!(
+        (j.ids(), j.last_id, j.recovered),
+        (vec![8, 9, 10], 10, true)
+    );
+    Ok(())
+}
+
+/// Reads frames until message `last` arrives; returns every message id seen, in order.
+async fn collect_ids(c: &mut WsClient, last: u64) -> anyhow::Result<Vec<u64>> {
+    let mut ids = Vec::new();
+    loop {
+        match c.recv().await? {
+            ServerFrame::Message(m) => {
+                ids.push(m.id);
+                if m.id >= last {
+                    return Ok(ids);
+                }
+            }
+            ServerFrame::Joined { .. } => {}
+            other => bail!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_racing_a_burst_from_another_instance_see_every_id_once() -> anyhow::Result<()> {
+    const N: u64 = 150;
+    const ROUNDS: usize = 12;
+    let redis = RedisServer::start().await?;
+    let (gw_a, gw_b) = two(&redis).await?;
+    for round in 0..ROUNDS {
+        let room = format!("race{round}");
+        let (mut publisher, _) = connect(&gw_a, &format!("?room={room}&username=p"), &room).await?;
+        // Pipeline the whole burst; joiners start on the other instance as acks come in.
+        for i in 1..=N {
+            publisher
+                .say(&room, &format!("m{i}"), Some(&i.to_string()))
+                .await?;
+        }
+        let triggers = [1, N / 4, N / 2, 3 * N / 4, N - 1];
+        let mut joiners = Vec::new();
+        let mut acked = 0;
+        while acked < N {
+            if let ServerFrame::Ack { id, .. } = publisher.recv().await? {
+                acked += 1;
+                if let Some(k) = triggers.iter().position(|t| *t == id) {
+                    let url = if k % 2 == 0 {
+                        gw_b.ws_url(&format!("/ws?room={room}"))
+                    } else {
+                        gw_b.ws_url(&format!("/ws?room={room}&since={}", k))
+                    };
+                    let since = if k % 2 == 0 { 0 } else { k as u64 };
+                    joiners.push(tokio::spawn(async move {
+                        let (mut c, _) = WsClient::connect_ws(&url).await?;
+                        let ids = collect_ids(&mut c, N).await?;
+                        let want: Vec<u64> = (since + 1..=N).collect();
+                        ensure!(ids == want, "joiner {k} (since {since}) saw {ids:?}");
+                        Ok::<_, anyhow::Error>(())
+                    }));
+                }
+            }
+        }
+        for j in joiners {
+            j.await??;
+        }
+    }
+    Ok(())
+}
+
+async fn numsub(client: &Client, channel: &str) -> anyhow::Result<i64> {
+    let reply: Vec<Value> = client.pubsub_numsub(channel).await?;
+    match reply.get(1).and_then(Value::as_i64) {
+        Some(n) => Ok(n),
+        None => bail!("unexpected PUBSUB NUMSUB reply {reply:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_subscribes_only_while_it_has_members() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let r = redis.client().await?;
+    let (gw_a, gw_b) = two(&redis).await?;
+    assert_eq!(numsub(&r, "chat:{sub}").await?, 0);
+    let (mut a1, _) = connect(&gw_a, "?room=lobby", "lobby").await?;
+    a1.join("sub", None).await?;
+    a1.until_joined("sub").await?;
+    assert_eq!(
+        numsub(&r, "chat:{sub}").await?,
+        1,
+        "A subscribed on first join"
+    );
+    let (mut a2, _) = connect(&gw_a, "?room=sub", "sub").await?;
+    assert_eq!(
+        numsub(&r, "chat:{sub}").await?,
+        1,
+        "one subscription per instance"
+    );
+    let (_b1, _) = connect(&gw_b, "?room=sub", "sub").await?;
+    assert_eq!(numsub(&r, "chat:{sub}").await?, 2);
+    a1.send_json(json!({"type": "leave", "room": "sub"}))
+        .await?;
+    assert_eq!(a1.recv().await?, ServerFrame::Left { room: "sub".into() });
+    assert_eq!(numsub(&r, "chat:{sub}").await?, 2, "A still has a2");
+    a2.send_json(json!({"type": "leave", "room": "sub"}))
+        .await?;
+    assert_eq!(a2.recv().await?, ServerFrame::Left { room: "sub".into() });
+    assert_eq!(
+        numsub(&r, "chat:{sub}").await?,
+        1,
+        "A unsubscribed after its last member left"
+    );
+    // Rooms nobody joined are never subscribed.
+    assert_eq!(numsub(&r, "chat:{lobby}").await?, 1);
+    assert_eq!(numsub(&r, "chat:{general}").await?, 0);
+    Ok(())
+}
+
+/// Polls `check` until it holds, at most [`WAIT`]: for state that has no event to await
+/// (a readiness probe is polled by its consumers too).
+async fn eventually<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_redis_and_sends_are_refused_while_it_is_down() -> anyhow::Result<()> {
+    let mut redis = RedisServer::start().await?;
+    let gw = TestGateway::with_redis(&redis.url(), &[("REDIS_TIMEOUT_MS", "500")]).await?;
+    assert_eq!(gw.get_status("/readyz").await?, 200);
+    assert_eq!(gw.get_status("/healthz").await?, 200);
+    let (mut c, _) = connect(&gw, "", "general").await?;
+    redis.kill().await;
+    eventually("readyz 503", || async {
+        gw.get_status("/readyz").await.ok() == Some(503)
+    })
+    .await?;
+    assert_eq!(gw.get_status("/healthz").await?, 200);
+    c.say("general", "lost?", Some("r1")).await?;
+    match c.recv().await? {
+        ServerFrame::Error {
+            code, reference, ..
+        } => {
+            assert_eq!(
+                (code, reference.as_deref()),
+                (ErrorCode::Unavailable, Some("r1"))
+            );
+        }
+        other => bail!("expected unavailable, got {other:?}"),
+    }
+    redis.restart().await?;
+    eventually("readyz 200", || async {
+        gw.get_status("/readyz").await.ok() == Some(200)
+    })
+    .await?;
+    // The same connection works again, and the refused message was not stored: this
+    // Redis kept no data, so the next message is id 1.
+    c.say("general", "back", Some("r2")).await?;
+    loop {
+        match c.recv().await? {
+            ServerFrame::Ack { reference, id, .. } if reference == "r2" => {
+                assert_eq!(id, 1);
+                break;
+            }
+            ServerFrame::Message(m) => assert_eq!(m.text, "back"),
+            other => bail!("expected ack, got {other:?}"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! The `message` frame: the one frame that is stored in history, published, and replayed
+//! byte for byte. Ids and timestamps are assigned by the store (Redis or the memory bus),
+//! so the gateway builds a [`MessageTemplate`] and the store splices the id and the time in.
+
+use serde::{Deserialize, Serialize};
+
+use crate::RoomName;
+
+/// A chat message as a client receives it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageFrame {
+    /// The room.
+    pub room: String,
+    /// Per-room id: consecutive from 1.
+    pub id: u64,
+    /// Author's display name.
+    pub username: String,
+    /// The message.
+    pub text: String,
+    /// Milliseconds since the Unix epoch, assigned by the store.
+    pub ts: u64,
+}
+
+/// A `message` frame without its id and timestamp: `head` + id + `middle` + ts + `}` is the
+/// exact JSON that serde would produce for the same [`MessageFrame`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageTemplate {
+    /// `{"type":"message","room":"R","id":`
+    pub head: String,
+    /// `,"username":"...","text":"...","ts":`
+    pub middle: String,
+}
+
+/// The closing byte that follows the timestamp.
+pub const TEMPLATE_TAIL: &str = "}";
+
+impl MessageTemplate {
+    /// Builds the template; `username` and `text` are JSON-escaped here, once.
+    pub fn new(room: &RoomName, username: &str, text: &str) -> Self {
+        // Room names are [A-Za-z0-9_-]: nothing to escape.
+        let head = format!(r#"{{"type":"message","room":"{room}","id":"#);
+        let middle = format!(
+            r#","username":{},"text":{},"ts":"#,
+            serde_json::Value::from(username),
+            serde_json::Value::from(text)
+        );
+        MessageTemplate { head, middle }
+    }
+
+    /// The full frame for `id` and `ts`.
+    pub fn render(&self, id: u64, ts: u64) -> String {
+        let mut out = String::with_capacity(self.head.len() + self.middle.len() + 42);
+        out.push_str(&self.head);
+        out.push_str(&id.to_string());
+        out.push_str(&self.middle);
+        out.push_str(&ts.to_string());
+        out.push_str(TEMPLATE_TAIL);
+        out
+    }
+}
+
+/// Reads the `id` of a stored `message` frame without building the whole frame.
+pub fn peek_id(frame: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Head {
+        id: u64,
+    }
+    serde_json::from_slice::<Head>(frame).ok().map(|h| h.id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ServerFrame;
+
+    #[test]
+    fn template_renders_exactly_what_serde_encodes() {
+        let room = RoomName::new("general").unwrap();
+        for (user, text) in [
+            ("ann", "hi"),
+            (
+                "b\"o\\b",
+                "line\nbreak\t<img src=x onerror=alert(1)> \u{1F600} \u{2028}",
+            ),
+            ("zoë", "\u{0}\u{1f}"),
+        ] {
+            let t = MessageTemplate::new(&room, user, text);
+            let rendered = t.render(42, 1_764_500_000_000);
+            let frame = ServerFrame::Message(MessageFrame {
+                room: "general".into(),
+                id: 42,
+                username: user.into(),
+                text: text.into(),
+                ts: 1_764_500_000_000,
+            });
+            assert_eq!(rendered, serde_json::to_string(&frame).unwrap());
+            assert_eq!(peek_id(rendered.as_bytes()), Some(42));
+        }
+    }
+
+    #[test]
+    fn peek_id_refuses_non_messages() {
+        assert_eq!(peek_id(b"not json"), None);
+        assert_eq!(peek_id(br#"{"type":"message"}"#), None);
+        assert_eq!(peek_id(br#"{"id":-1}"#), None);
+    }
+}

@@ -1,0 +1,181 @@
+//! A protocol-aware WebSocket test client.
+
+use anyhow::{Context, bail};
+use chat_protocol::{MessageFrame, ServerFrame};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream, connect_async,
+    tungstenite::{Message, protocol::frame::coding::CloseCode},
+};
+
+use crate::WAIT;
+
+/// The replay and `joined` frame that answer a join.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Joined {
+    /// Messages received before `joined`.
+    pub messages: Vec<MessageFrame>,
+    /// `joined.last_id`.
+    pub last_id: u64,
+    /// `joined.recovered`.
+    pub recovered: bool,
+}
+
+impl Joined {
+    /// Ids of the replayed messages.
+    pub fn ids(&self) -> Vec<u64> {
+        self.messages.iter().map(|m| m.id).collect()
+    }
+}
+
+/// A WebSocket client connection.
+pub struct WsClient {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl WsClient {
+    /// Connects to `url`.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let (ws, _) = tokio::time::timeout(WAIT, connect_async(url))
+            .await
+            .context("connect timed out")?
+            .with_context(|| format!("connect to {url}"))?;
+        Ok(WsClient { ws })
+    }
+
+    /// Connects to `/ws?{query}` on `gateway`-style base URL and reads `welcome`.
+    /// Returns the client and the instance id.
+    pub async fn connect_ws(url: &str) -> anyhow::Result<(Self, String)> {
+        let mut c = Self::connect(url).await?;
+        match c.recv().await? {
+            ServerFrame::Welcome { instance, .. } => Ok((c, instance)),
+            other => bail!("expected welcome, got {other:?}"),
+        }
+    }
+
+    /// Sends a text frame.
+    pub async fn send_text(&mut self, text: impl Into<String>) -> anyhow::Result<()> {
+        self.ws.send(Message::Text(text.into().into())).await?;
+        Ok(())
+    }
+
+    /// Sends a JSON value as a text frame.
+    pub async fn send_json(&mut self, value: serde_json::Value) -> anyhow::Result<()> {
+        self.send_text(value.to_string()).await
+    }
+
+    /// Sends a raw WebSocket message.
+    pub async fn send_message(&mut self, message: Message) -> anyhow::Result<()> {
+        self.ws.send(message).await?;
+        Ok(())
+    }
+
+    /// `{"type":"join","room":room,"since":since}`
+    pub async fn join(&mut self, room: &str, since: Option<u64>) -> anyhow::Result<()> {
+        let mut frame = serde_json::json!({"type": "join", "room": room});
+        if let Some(since) = since {
+            frame["since"] = since.into();
+        }
+        self.send_json(frame).await
+    }
+
+    /// `{"type":"send","room":room,"text":text,"ref":reference}`
+    pub async fn say(
+        &mut self,
+        room: &str,
+        text: &str,
+        reference: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let mut frame = serde_json::json!({"type": "send", "room": room, "text": text});
+        if let Some(r) = reference {
+            frame["ref"] = r.into();
+        }
+        self.send_json(frame).await
+    }
+
+    /// The next text frame, skipping pings and pongs. Fails on close or after [`WAIT`].
+    pub async fn recv_text(&mut self) -> anyhow::Result<String> {
+        loop {
+            let next = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .context("no frame arrived in time")?;
+            match next {
+                Some(Ok(Message::Text(t))) => return Ok(t.to_string()),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(Message::Close(frame))) => bail!("connection closed: {frame:?}"),
+                Some(Ok(other)) => bail!("unexpected message {other:?}"),
+                Some(Err(e)) => bail!("read failed: {e}"),
+                None => bail!("connection ended"),
+            }
+        }
+    }
+
+    /// The next frame, decoded.
+    pub async fn recv(&mut self) -> anyhow::Result<ServerFrame> {
+        let text = self.recv_text().await?;
+        serde_json::from_str(&text).with_context(|| format!("undecodable frame {text}"))
+    }
+
+    /// The next frame, which must be a `message`.
+    pub async fn recv_message(&mut self) -> anyhow::Result<MessageFrame> {
+        match self.recv().await? {
+            ServerFrame::Message(m) => Ok(m),
+            other => bail!("expected a message, got {other:?}"),
+        }
+    }
+
+    /// Reads `message` frames up to `joined` for `room`.
+    pub async fn until_joined(&mut self, room: &str) -> anyhow::Result<Joined> {
+        let mut messages = Vec::new();
+        loop {
+            match self.recv().await? {
+                ServerFrame::Message(m) => messages.push(m),
+                ServerFrame::Joined {
+                    room: r,
+                    last_id,
+                    recovered,
+                } if r == room => {
+                    return Ok(Joined {
+                        messages,
+                        last_id,
+                        recovered,
+                    });
+                }
+                other => bail!("expected messages then joined {room}, got {other:?}"),
+            }
+        }
+    }
+
+    /// Waits for the server to close the connection; returns the close code (None when
+    /// the connection ended without a close frame). Frames before the close are skipped.
+    pub async fn closed(&mut self) -> anyhow::Result<Option<u16>> {
+        loop {
+            let next = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .context("the server did not close the connection in time")?;
+            match next {
+                Some(Ok(Message::Close(frame))) => return Ok(frame.map(|f| u16::from(f.code))),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Ok(None),
+            }
+        }
+    }
+
+    /// Closes the connection normally.
+    pub async fn close(mut self) -> anyhow::Result<()> {
+        let _ = self
+            .ws
+            .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: CloseCode::Normal,
+                reason: "bye".into(),
+            }))
+            .await;
+        Ok(())
+    }
+
+    /// The underlying stream, for tests that need raw control.
+    pub fn inner(&mut self) -> &mut WebSocketStream<MaybeTlsStream<TcpStream>> {
+        &mut self.ws
+    }
+}
