@@ -21,6 +21,7 @@ on_both_buses!(
     leave_and_rejoin,
     live_bytes_equal_replayed_bytes,
     replay_larger_than_the_client_queue_is_flow_controlled,
+    a_slow_client_is_closed_with_1013_and_never_delays_the_room,
 );
 
 async fn welcome_then_empty_join(env: Env) -> anyhow::Result<()> {
@@ -456,5 +457,66 @@ async fn replay_larger_than_the_client_queue_is_flow_controlled(env: Env) -> any
     }
     let (_b, j) = connect(&gw, "?room=big", "big").await?;
     assert_eq!(j.ids(), (1..=300).collect::<Vec<_>>());
+    Ok(())
+}
+
+async fn a_slow_client_is_closed_with_1013_and_never_delays_the_room(env: Env) -> anyhow::Result<()> {
+    // 8,000 messages of 3 KB (24 MB) outgrow the slow client's queue and every socket
+    // buffer between us, whatever the kernel's autotuning does.
+    const N: u64 = 8_000;
+    let gw = env
+        .gateway(&[("CLIENT_QUEUE", "256"), ("WRITE_TIMEOUT_SECS", "120")])
+        .await?;
+    let (mut slow, _) = connect(&gw, "?room=flood", "flood").await?;
+    let (mut fast, _) = connect(&gw, "?room=flood", "flood").await?;
+    let (mut publisher, _) = connect(&gw, "?room=other", "other").await?;
+    publisher.join("flood", None).await?;
+    publisher.until_joined("flood").await?;
+    let text = "z".repeat(3000);
+    // At most 32 sends in flight: a fast reader keeps up with that, a stalled one cannot.
+    let send = tokio::spawn(async move {
+        let mut acked = 0;
+        for i in 0..N {
+            publisher.say("flood", &text, Some(&i.to_string())).await?;
+            while i >= acked + 32 {
+                if let ServerFrame::Ack { .. } = publisher.recv().await? {
+                    acked += 1;
+                }
+            }
+        }
+        Ok::<_, anyhow::Error>(publisher)
+    });
+    // The fast client gets every message, in order, while `slow` reads nothing.
+    for id in 1..=N {
+        assert_eq!(fast.recv_message().await?.id, id);
+    }
+    let _publisher = send.await??;
+    // Now the slow client reads: a gap-free prefix, then close 1013.
+    let mut next = 1;
+    loop {
+        let frame = tokio::time::timeout(
+            chat_testkit::WAIT,
+            futures_util::StreamExt::next(slow.inner()),
+        )
+        .await?;
+        match frame {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+                let m: chat_protocol::MessageFrame =
+                    match serde_json::from_str::<ServerFrame>(&t)? {
+                        ServerFrame::Message(m) => m,
+                        other => anyhow::bail!("unexpected {other:?}"),
+                    };
+                assert_eq!(m.id, next);
+                next += 1;
+            }
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f)))) => {
+                assert_eq!(u16::from(f.code), close::TRY_AGAIN);
+                break;
+            }
+            Some(Ok(_)) => {}
+            other => anyhow::bail!("expected close 1013, got {other:?}"),
+        }
+    }
+    assert!(next <= N, "the slow client was not cut off");
     Ok(())
 }
