@@ -265,6 +265,22 @@ impl Hub {
         }
     }
 
+    /// Subscribes again to every room this instance is subscribed to, after the bus lost
+    /// its subscriptions (a new Redis connection). Each room's subscription lock keeps
+    /// this ordered with concurrent joins and leaves. Stops at the first failure.
+    pub async fn resubscribe<B: Bus>(&self, bus: &B) -> Result<usize, BusError> {
+        let rooms: Vec<Arc<Room>> = lock(&self.rooms).values().cloned().collect();
+        let mut done = 0usize;
+        for room in rooms {
+            let subscribed = room.subscription.lock().await;
+            if *subscribed {
+                bus.subscribe(&room.name).await?;
+                done += 1;
+            }
+        }
+        Ok(done)
+    }
+
     /// Rooms this instance currently serves (has at least one member in).
     pub fn room_count(&self) -> usize {
         lock(&self.rooms).len()

@@ -12,7 +12,14 @@
 //! The reader task moves each pub/sub message to [`Hub::dispatch`]; it never waits on a
 //! client.
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::extract::ws::Utf8Bytes;
 use chat_protocol::{MessageTemplate, RoomName, peek_id};
@@ -66,7 +73,11 @@ struct Inner {
     sharded: bool,
     publish: Script,
     history: Script,
-    tasks: Vec<JoinHandle<()>>,
+    /// Set when the subscriber connection breaks, cleared once every room is subscribed
+    /// again on the new connection: until then this instance may miss messages, so it
+    /// is not ready.
+    resync_pending: AtomicBool,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// The Redis-backed bus.
@@ -130,12 +141,14 @@ impl RedisBus {
         let keys = Keys::new(&settings.prefix);
         // Take the receiver before anything is subscribed so no message can be missed.
         let messages = subscriber.message_rx();
-        let reader = tokio::spawn(read_messages(messages, keys.clone(), hub));
+        // Likewise for connection events, before connecting.
+        let errors = subscriber.error_rx();
+        let connects = subscriber.reconnect_rx();
+        let reader = tokio::spawn(read_messages(messages, keys.clone(), hub.clone()));
         let commands_task = spawn_connection(&commands);
         let subscriber_task = spawn_connection(&subscriber);
-        let resubscribe = subscriber.manage_subscriptions();
 
-        Ok(RedisBus {
+        let bus = RedisBus {
             inner: Arc::new(Inner {
                 commands,
                 subscriber,
@@ -145,9 +158,70 @@ impl RedisBus {
                 sharded,
                 publish: Script::from_lua(PUBLISH_LUA),
                 history: Script::from_lua(HISTORY_LUA),
-                tasks: vec![reader, commands_task, subscriber_task, resubscribe],
+                resync_pending: AtomicBool::new(false),
+                tasks: Mutex::new(vec![reader, commands_task, subscriber_task]),
             }),
-        })
+        };
+        let resync = tokio::spawn(bus.clone().keep_subscriptions(hub, errors, connects));
+        bus.tasks().push(resync);
+        Ok(bus)
+    }
+
+    /// Resubscribes every room after a reconnect; clears `resync_pending` only when all
+    /// of them succeeded. Retries while the connection stays up.
+    async fn resync(&self, hub: &Hub) {
+        let subscriber = &self.inner.subscriber;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            // fred reports the new connection before marking itself connected.
+            let _ = tokio::time::timeout(self.inner.timeout, subscriber.wait_for_connect()).await;
+            match hub.resubscribe(self).await {
+                Ok(rooms) => {
+                    if rooms > 0 {
+                        tracing::info!(rooms, "resubscribed after reconnect");
+                    }
+                    self.inner.resync_pending.store(false, Ordering::SeqCst);
+                    return;
+                }
+                Err(err) => {
+                    warn!(error = %err, "resubscribe failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    fn tasks(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Redis forgets a connection's subscriptions when it breaks. fred's own
+    /// `manage_subscriptions` is not used: on connect it sends a bare `SUBSCRIBE` whose
+    /// error reply fred then hands to the next command on that connection.
+    async fn keep_subscriptions(
+        self,
+        hub: Arc<Hub>,
+        mut errors: tokio::sync::broadcast::Receiver<(
+            fred::error::Error,
+            Option<fred::types::config::Server>,
+        )>,
+        mut connects: tokio::sync::broadcast::Receiver<fred::types::config::Server>,
+    ) {
+        loop {
+            tokio::select! {
+                // A break is always reported before the reconnect that follows it.
+                biased;
+                e = errors.recv() => match e {
+                    Err(RecvError::Closed) => return,
+                    _ => self.inner.resync_pending.store(true, Ordering::SeqCst),
+                },
+                c = connects.recv() => match c {
+                    Err(RecvError::Closed) => return,
+                    _ => self.resync(&hub).await,
+                },
+            }
+        }
     }
 
     /// Waits until both connections are up.
@@ -169,7 +243,7 @@ impl RedisBus {
             let _ = self.inner.commands.quit().await;
         })
         .await;
-        for task in &self.inner.tasks {
+        for task in self.tasks().drain(..) {
             task.abort();
         }
     }
@@ -214,6 +288,18 @@ impl RedisBus {
             Ok(r) => Ok(r?),
             Err(_) => Err(BusError::Timeout),
         }
+    }
+}
+
+impl RedisBus {
+    /// fred answers SUBSCRIBE and UNSUBSCRIBE as soon as it queues them, before Redis has
+    /// processed them. A PING on the same connection is answered only after everything
+    /// sent before it, so once it returns the subscription really is (in)active — which
+    /// the gap-free join depends on.
+    async fn barrier(&self) -> Result<(), BusError> {
+        self.with_timeout(self.inner.subscriber.ping::<Value>(None))
+            .await
+            .map(drop)
     }
 }
 
@@ -311,9 +397,11 @@ impl Bus for RedisBus {
         }
         let channel = self.inner.keys.channel(room);
         if self.inner.sharded {
+            // fred waits for SSUBSCRIBE's reply (it may be redirected).
             self.with_timeout(s.ssubscribe(channel)).await
         } else {
-            self.with_timeout(s.subscribe(channel)).await
+            self.with_timeout(s.subscribe(channel)).await?;
+            self.barrier().await
         }
     }
 
@@ -323,7 +411,8 @@ impl Bus for RedisBus {
         if self.inner.sharded {
             self.with_timeout(s.sunsubscribe(channel)).await
         } else {
-            self.with_timeout(s.unsubscribe(channel)).await
+            self.with_timeout(s.unsubscribe(channel)).await?;
+            self.barrier().await
         }
     }
 
@@ -357,6 +446,8 @@ impl Bus for RedisBus {
     }
 
     fn is_ready(&self) -> bool {
-        self.inner.commands.is_connected() && self.inner.subscriber.is_connected()
+        self.inner.commands.is_connected()
+            && self.inner.subscriber.is_connected()
+            && !self.inner.resync_pending.load(Ordering::SeqCst)
     }
 }

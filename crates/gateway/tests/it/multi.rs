@@ -217,17 +217,21 @@ async fn readyz_follows_redis_and_sends_are_refused_while_it_is_down() -> anyhow
         gw.get_status("/readyz").await.ok() == Some(200)
     })
     .await?;
-    // The same connection works again, and the refused message was not stored: this
-    // Redis kept no data, so the next message is id 1.
+    // Ready again means resubscribed: the same connection sends and receives, and the
+    // refused message was not stored (this Redis kept no data, so the next id is 1).
     c.say("general", "back", Some("r2")).await?;
-    loop {
+    let mut seen = (false, false);
+    while seen != (true, true) {
         match c.recv().await? {
             ServerFrame::Ack { reference, id, .. } if reference == "r2" => {
                 assert_eq!(id, 1);
-                break;
+                seen.0 = true;
             }
-            ServerFrame::Message(m) => assert_eq!(m.text, "back"),
-            other => bail!("expected ack, got {other:?}"),
+            ServerFrame::Message(m) => {
+                assert_eq!((m.id, m.text.as_str()), (1, "back"));
+                seen.1 = true;
+            }
+            other => bail!("expected ack and message, got {other:?}"),
         }
     }
     Ok(())

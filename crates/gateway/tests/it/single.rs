@@ -460,7 +460,9 @@ async fn replay_larger_than_the_client_queue_is_flow_controlled(env: Env) -> any
     Ok(())
 }
 
-async fn a_slow_client_is_closed_with_1013_and_never_delays_the_room(env: Env) -> anyhow::Result<()> {
+async fn a_slow_client_is_closed_with_1013_and_never_delays_the_room(
+    env: Env,
+) -> anyhow::Result<()> {
     // 8,000 messages of 3 KB (24 MB) outgrow the slow client's queue and every socket
     // buffer between us, whatever the kernel's autotuning does.
     const N: u64 = 8_000;
@@ -501,11 +503,9 @@ async fn a_slow_client_is_closed_with_1013_and_never_delays_the_room(env: Env) -
         .await?;
         match frame {
             Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
-                let m: chat_protocol::MessageFrame =
-                    match serde_json::from_str::<ServerFrame>(&t)? {
-                        ServerFrame::Message(m) => m,
-                        other => anyhow::bail!("unexpected {other:?}"),
-                    };
+                let ServerFrame::Message(m) = serde_json::from_str(&t)? else {
+                    anyhow::bail!("unexpected frame {t}");
+                };
                 assert_eq!(m.id, next);
                 next += 1;
             }
