@@ -124,6 +124,9 @@ impl App {
                 AnyBus::Redis(RedisBus::connect(&settings, hub.clone())?)
             }
         };
+        let (repair_hub, repair_bus) = (hub.clone(), bus.clone());
+        // Lives as long as the process (it only ever waits or reads history).
+        tokio::spawn(async move { repair_hub.run_repairs(&repair_bus).await });
         let state = Arc::new(AppState {
             config,
             hub,

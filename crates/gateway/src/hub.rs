@@ -1,31 +1,41 @@
-//! Which local connections are in which room, and the gap-free hand-over of a join.
+//! Which local connections are in which room; the gap-free hand-over of a join; and the
+//! repair of a room whose live stream lost messages.
 //!
 //! The hub owns no sockets and no Redis connection. It is told by the bus that a message
 //! arrived ([`Hub::dispatch`]) and pushes the same shared bytes into each member's
 //! [`Outbox`]; it asks the bus to subscribe to a room when the first local member joins
 //! and to unsubscribe when the last one leaves.
 //!
-//! A join is registered before the history is read: from then on, live messages for the
-//! joining member are buffered in the hub. The session reads history, replays it, then
-//! calls [`Hub::go_live`], which (under the room's lock, so no dispatch can interleave)
-//! appends the buffered messages newer than the replay, queues `joined` and switches the
-//! member to live delivery. Nothing is lost (the history read happens after the
-//! subscription is active) and nothing is doubled (buffered ids at or below the replay's
-//! last id are dropped).
+//! **Joins.** A join is registered before the history is read: from then on, live
+//! messages for the joining member are buffered in the hub. The session reads history,
+//! replays it, then calls [`Hub::go_live`], which (under the room's lock, so no dispatch
+//! can interleave) appends the buffered messages newer than the replay, queues `joined`
+//! and switches the member to live delivery.
+//!
+//! **Every live member knows the last id it was given** (`last`). Delivery skips ids at or
+//! below it (the history read and the subscription are different connections, so history
+//! can be ahead of live delivery) and notices a gap above it. A gap puts the room in
+//! repair: live delivery pauses and incoming messages are buffered while the repair worker
+//! ([`Hub::run_repairs`]) reads the missing ids from history; then each member gets exactly
+//! the ids it lacks, in order. A member whose hole is older than the history is closed
+//! with 1013 and resumes with `since` (and is told `recovered:false`). After the bus
+//! reconnects, every room is repaired the same way ([`Hub::repair_all`]).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fmt,
     sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
 };
 
 use axum::extract::ws::Utf8Bytes;
 use chat_protocol::RoomName;
-use tracing::{debug, warn};
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
 
 use crate::{
     bus::{Bus, BusError, Msg},
-    outbox::{LivePush, Outbox},
+    outbox::{CloseReason, LivePush, Outbox},
 };
 
 /// A connection's id, unique within this instance.
@@ -46,22 +56,57 @@ pub enum GoLive {
 struct Member {
     outbox: Arc<Outbox>,
     /// `Some` while the member's history replay is in progress.
-    joining: Option<JoinBuffer>,
-    /// Live messages up to this id were already replayed: the history read (on the command
-    /// connection) can see a message before the subscriber connection delivers it.
-    /// Cleared by the first newer message.
-    skip_through: u64,
+    joining: Option<Buffer>,
+    /// The last id this member was given (live members only).
+    last: u64,
 }
 
+/// Messages held back while a join's replay or a room's repair is in progress.
 #[derive(Default)]
-struct JoinBuffer {
+struct Buffer {
     msgs: Vec<Msg>,
     overflowed: bool,
+}
+
+impl Buffer {
+    fn push(&mut self, msg: &Msg, cap: usize) {
+        if self.overflowed {
+        } else if self.msgs.len() >= cap {
+            // Everything dropped here is in Redis history: the owner reads it again.
+            self.msgs = Vec::new();
+            self.overflowed = true;
+        } else {
+            self.msgs.push(msg.clone());
+        }
+    }
 }
 
 #[derive(Default)]
 struct RoomState {
     members: HashMap<ConnId, Member>,
+    /// `Some` while the room is being repaired: live delivery waits.
+    repair: Option<Buffer>,
+}
+
+impl RoomState {
+    /// Gives `msg` to a live member if it is the next id it needs; reports a gap.
+    fn deliver(member: &mut Member, msg: &Msg) -> Delivery {
+        if msg.id <= member.last {
+            Delivery::Duplicate
+        } else if msg.id == member.last + 1 {
+            member.last = msg.id;
+            member.outbox.push_live(msg.frame.clone());
+            Delivery::Delivered
+        } else {
+            Delivery::Gap
+        }
+    }
+}
+
+enum Delivery {
+    Delivered,
+    Duplicate,
+    Gap,
 }
 
 struct Room {
@@ -90,8 +135,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Room → local members.
 pub struct Hub {
     rooms: Mutex<HashMap<RoomName, Arc<Room>>>,
-    /// Live messages a joining member may accumulate before its replay is restarted.
-    join_buffer_cap: usize,
+    /// Live messages a join or a repair may buffer before it reads history again.
+    buffer_cap: usize,
+    /// Rooms waiting for the repair worker (at most one entry per room).
+    repairs: Mutex<HashSet<RoomName>>,
+    repair_wake: Notify,
 }
 
 impl fmt::Debug for Hub {
@@ -103,12 +151,18 @@ impl fmt::Debug for Hub {
 }
 
 impl Hub {
-    /// An empty hub.
-    pub fn new(join_buffer_cap: usize) -> Self {
+    /// An empty hub; joins and repairs buffer at most `buffer_cap` live messages.
+    pub fn new(buffer_cap: usize) -> Self {
         Hub {
             rooms: Mutex::new(HashMap::new()),
-            join_buffer_cap,
+            buffer_cap,
+            repairs: Mutex::new(HashSet::new()),
+            repair_wake: Notify::new(),
         }
+    }
+
+    fn room(&self, name: &str) -> Option<Arc<Room>> {
+        lock(&self.rooms).get(name).cloned()
     }
 
     /// Registers `conn` as a joining member of `room` and makes sure this instance is
@@ -137,8 +191,8 @@ impl Hub {
                 conn,
                 Member {
                     outbox,
-                    joining: Some(JoinBuffer::default()),
-                    skip_through: 0,
+                    joining: Some(Buffer::default()),
+                    last: 0,
                 },
             );
             entry
@@ -162,25 +216,34 @@ impl Hub {
         after: u64,
         joined: impl FnOnce(u64) -> Option<Utf8Bytes>,
     ) -> GoLive {
-        let Some(entry) = lock(&self.rooms).get(room).cloned() else {
+        let Some(entry) = self.room(room.as_str()) else {
             return GoLive::Gone;
         };
         let mut st = entry.state();
-        let Some(member) = st.members.get_mut(&conn) else {
+        let RoomState { members, repair } = &mut *st;
+        let Some(member) = members.get_mut(&conn) else {
             return GoLive::Gone;
         };
         let Some(buffer) = member.joining.as_mut() else {
             return GoLive::Gone;
         };
         if buffer.overflowed {
-            *buffer = JoinBuffer::default();
+            *buffer = Buffer::default();
             return GoLive::Retry;
         }
-        let buffered = std::mem::take(&mut buffer.msgs);
+        let mut buffered = std::mem::take(&mut buffer.msgs);
+        buffered.sort_by_key(|m| m.id);
         let mut last_id = after;
-        for msg in buffered.into_iter().filter(|m| m.id > after) {
+        let mut hole = false;
+        for msg in buffered.iter().filter(|m| m.id > after) {
+            if msg.id != last_id + 1 {
+                // A live message was lost while this member joined: the room's repair
+                // fills the hole (from `last_id`) and delivers the rest in order.
+                hole = true;
+                break;
+            }
             last_id = msg.id;
-            if member.outbox.push_live(msg.frame) != LivePush::Queued {
+            if member.outbox.push_live(msg.frame.clone()) != LivePush::Queued {
                 return GoLive::Gone;
             }
         }
@@ -190,7 +253,16 @@ impl Hub {
             return GoLive::Gone;
         }
         member.joining = None;
-        member.skip_through = last_id;
+        member.last = last_id;
+        if hole {
+            let cap = self.buffer_cap;
+            let pending = repair.get_or_insert_with(Buffer::default);
+            for msg in buffered.iter().filter(|m| m.id > last_id) {
+                pending.push(msg, cap);
+            }
+            drop(st);
+            self.request_repair(room);
+        }
         GoLive::Live(last_id)
     }
 
@@ -243,26 +315,139 @@ impl Hub {
     /// Delivers a message that arrived from the bus to every local member of its room.
     /// Never waits: a member that cannot take it is closed as too slow by its outbox.
     pub fn dispatch(&self, room: &str, msg: Msg) {
-        let Some(entry) = lock(&self.rooms).get(room).cloned() else {
+        let Some(entry) = self.room(room) else {
             return;
         };
-        let cap = self.join_buffer_cap;
+        let cap = self.buffer_cap;
         let mut st = entry.state();
-        for member in st.members.values_mut() {
+        let RoomState { members, repair } = &mut *st;
+        let mut gap = false;
+        for member in members.values_mut() {
             match member.joining.as_mut() {
-                None if msg.id <= member.skip_through => {}
-                None => {
-                    member.skip_through = 0;
-                    member.outbox.push_live(msg.frame.clone());
-                }
-                Some(buf) if buf.overflowed => {}
-                Some(buf) if buf.msgs.len() >= cap => {
-                    buf.msgs = Vec::new();
-                    buf.overflowed = true;
-                }
-                Some(buf) => buf.msgs.push(msg.clone()),
+                Some(buffer) => buffer.push(&msg, cap),
+                None if repair.is_some() => {}
+                None => gap |= matches!(RoomState::deliver(member, &msg), Delivery::Gap),
             }
         }
+        match repair {
+            Some(buffer) => buffer.push(&msg, cap),
+            None if gap => {
+                let mut buffer = Buffer::default();
+                buffer.push(&msg, cap);
+                *repair = Some(buffer);
+                drop(st);
+                warn!(%room, id = msg.id, "gap in live messages; repairing from history");
+                self.request_repair(&entry.name);
+            }
+            None => {}
+        }
+    }
+
+    /// Puts every room in repair (after the bus lost messages it cannot name, e.g. a
+    /// reconnect): each member then gets whatever it missed, from history.
+    pub fn repair_all(&self) {
+        let rooms: Vec<Arc<Room>> = lock(&self.rooms).values().cloned().collect();
+        for room in rooms {
+            let mut st = room.state();
+            if st.repair.is_none() {
+                st.repair = Some(Buffer::default());
+            }
+            drop(st);
+            self.request_repair(&room.name);
+        }
+    }
+
+    fn request_repair(&self, room: &RoomName) {
+        lock(&self.repairs).insert(room.clone());
+        self.repair_wake.notify_one();
+    }
+
+    /// The repair worker: runs for the life of the instance.
+    pub async fn run_repairs<B: Bus>(&self, bus: &B) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let batch: Vec<RoomName> = lock(&self.repairs).drain().collect();
+            if batch.is_empty() {
+                self.repair_wake.notified().await;
+                continue;
+            }
+            let mut failed = false;
+            for room in batch {
+                if let Err(err) = self.repair(&room, bus).await {
+                    warn!(%room, error = %err, "repair failed; will retry");
+                    lock(&self.repairs).insert(room);
+                    failed = true;
+                }
+            }
+            if failed {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            } else {
+                backoff = Duration::from_millis(50);
+            }
+        }
+    }
+
+    /// Fills every live member of `room` up from history, then resumes live delivery.
+    async fn repair<B: Bus>(&self, room: &RoomName, bus: &B) -> Result<(), BusError> {
+        loop {
+            let Some(entry) = self.room(room.as_str()) else {
+                return Ok(());
+            };
+            let from = {
+                let mut st = entry.state();
+                if st.repair.is_none() {
+                    return Ok(());
+                }
+                let from = st
+                    .members
+                    .values()
+                    .filter(|m| m.joining.is_none())
+                    .map(|m| m.last)
+                    .min();
+                match from {
+                    Some(from) => from,
+                    None => {
+                        // Nobody live: joining members have their own buffers.
+                        st.repair = None;
+                        return Ok(());
+                    }
+                }
+            };
+            let history = bus.history(room, Some(from)).await?;
+            let mut st = entry.state();
+            let Some(buffer) = st.repair.take() else {
+                return Ok(());
+            };
+            if buffer.overflowed {
+                st.repair = Some(Buffer::default());
+                continue;
+            }
+            let mut msgs = history.messages;
+            msgs.extend(buffer.msgs);
+            msgs.sort_by_key(|m| m.id);
+            msgs.dedup_by_key(|m| m.id);
+            let (mut filled, mut cut) = (0usize, 0usize);
+            for member in st.members.values_mut().filter(|m| m.joining.is_none()) {
+                let before = member.last;
+                for msg in msgs.iter().filter(|m| m.id > before) {
+                    if let Delivery::Gap = RoomState::deliver(member, msg) {
+                        // Older than history: the member must resume (recovered:false).
+                        member.outbox.close(CloseReason::TooSlow);
+                        cut += 1;
+                        break;
+                    }
+                }
+                filled += usize::try_from(member.last - before).unwrap_or(0);
+            }
+            info!(%room, from, filled, cut, "repaired");
+            return Ok(());
+        }
+    }
+
+    /// Rooms this instance currently serves (has at least one member in).
+    pub fn room_count(&self) -> usize {
+        lock(&self.rooms).len()
     }
 
     /// Subscribes again to every room this instance is subscribed to, after the bus lost
@@ -280,9 +465,95 @@ impl Hub {
         }
         Ok(done)
     }
+}
 
-    /// Rooms this instance currently serves (has at least one member in).
-    pub fn room_count(&self) -> usize {
-        lock(&self.rooms).len()
+#[cfg(test)]
+mod tests {
+    use chat_protocol::MessageTemplate;
+
+    use super::*;
+    use crate::bus::memory::MemoryBus;
+
+    /// A store whose own deliveries go to a hub nobody listens to, so the hub under test
+    /// only sees what the test dispatches: lost messages are simulated by not dispatching.
+    async fn store_with(n: u64) -> (MemoryBus, Vec<Msg>, RoomName) {
+        let room = RoomName::new("r").unwrap();
+        let bus = MemoryBus::new(100, Arc::new(Hub::new(16)));
+        for i in 1..=n {
+            let t = MessageTemplate::new(&room, "u", &format!("m{i}"));
+            bus.publish(&room, &t).await.unwrap();
+        }
+        let msgs = bus.history(&room, None).await.unwrap().messages;
+        (bus, msgs, room)
+    }
+
+    async fn drain(outbox: &Outbox) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut frames = Vec::new();
+        while outbox.closing().is_none() {
+            frames.clear();
+            tokio::select! {
+                biased;
+                r = outbox.next_batch(&mut frames, 100) => r.unwrap(),
+                () = std::future::ready(()) => break,
+            }
+            out.extend(
+                frames
+                    .iter()
+                    .filter_map(|f| chat_protocol::peek_id(f.as_bytes())),
+            );
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_gap_is_repaired_from_history_in_order_and_duplicates_are_dropped() {
+        let (bus, msgs, room) = store_with(6).await;
+        let hub = Arc::new(Hub::new(16));
+        let outbox = Arc::new(Outbox::new(100));
+        hub.join(&room, 1, outbox.clone(), &bus).await.unwrap();
+        assert_eq!(hub.go_live(&room, 1, 1, |_| None), GoLive::Live(1));
+        hub.dispatch("r", msgs[1].clone()); // 2
+        hub.dispatch("r", msgs[1].clone()); // 2 again: dropped
+        hub.dispatch("r", msgs[4].clone()); // 5: 3 and 4 were lost
+        hub.dispatch("r", msgs[5].clone()); // 6: held while repairing
+        assert_eq!(drain(&outbox).await, vec![2]);
+        let repairs: Vec<RoomName> = lock(&hub.repairs).drain().collect();
+        assert_eq!(repairs, vec![room.clone()]);
+        hub.repair(&room, &bus).await.unwrap();
+        assert_eq!(drain(&outbox).await, vec![3, 4, 5, 6]);
+        hub.dispatch("r", msgs[5].clone());
+        assert_eq!(drain(&outbox).await, Vec::<u64>::new());
+    }
+
+    #[tokio::test]
+    async fn a_hole_older_than_history_closes_the_member_with_1013() {
+        let room = RoomName::new("r").unwrap();
+        let bus = MemoryBus::new(3, Arc::new(Hub::new(16)));
+        for i in 1..=8 {
+            let t = MessageTemplate::new(&room, "u", &format!("m{i}"));
+            bus.publish(&room, &t).await.unwrap();
+        }
+        let hub = Arc::new(Hub::new(16));
+        let outbox = Arc::new(Outbox::new(100));
+        hub.join(&room, 1, outbox.clone(), &bus).await.unwrap();
+        hub.go_live(&room, 1, 2, |_| None);
+        hub.repair_all();
+        hub.repair(&room, &bus).await.unwrap();
+        assert_eq!(outbox.closing(), Some(CloseReason::TooSlow));
+    }
+
+    #[tokio::test]
+    async fn a_hole_in_a_join_buffer_is_repaired_after_going_live() {
+        let (bus, msgs, room) = store_with(5).await;
+        let hub = Arc::new(Hub::new(16));
+        let outbox = Arc::new(Outbox::new(100));
+        hub.join(&room, 1, outbox.clone(), &bus).await.unwrap();
+        hub.dispatch("r", msgs[2].clone()); // 3
+        hub.dispatch("r", msgs[4].clone()); // 5 (4 lost)
+        assert_eq!(hub.go_live(&room, 1, 2, |_| None), GoLive::Live(3));
+        assert_eq!(drain(&outbox).await, vec![3]);
+        hub.repair(&room, &bus).await.unwrap();
+        assert_eq!(drain(&outbox).await, vec![4, 5]);
     }
 }

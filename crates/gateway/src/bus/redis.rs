@@ -180,6 +180,8 @@ impl RedisBus {
                     if rooms > 0 {
                         tracing::info!(rooms, "resubscribed after reconnect");
                     }
+                    // Whatever was published while we were not subscribed is in history.
+                    hub.repair_all();
                     self.inner.resync_pending.store(false, Ordering::SeqCst);
                     return;
                 }
@@ -349,9 +351,9 @@ async fn read_messages(
                 }
             }
             Err(RecvError::Lagged(n)) => {
-                // Reliability work (backfill from history) will close this gap; until then
-                // it is at least loud.
-                error!(skipped = n, "pub/sub reader lagged; messages were skipped");
+                // We cannot tell which rooms lost messages: repair them all from history.
+                error!(skipped = n, "pub/sub reader lagged; repairing every room");
+                hub.repair_all();
             }
             Err(RecvError::Closed) => return,
         }

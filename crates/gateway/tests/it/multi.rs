@@ -236,3 +236,130 @@ async fn readyz_follows_redis_and_sends_are_refused_while_it_is_down() -> anyhow
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_pubsub_connections_are_backfilled_from_history() -> anyhow::Result<()> {
+    const N: u64 = 400;
+    let redis = RedisServer::start().await?;
+    let admin = redis.client().await?;
+    let (gw_a, gw_b) = two(&redis).await?;
+    let (mut on_b, _) = connect(&gw_b, "?room=bf", "bf").await?;
+    let (mut on_a, _) = connect(&gw_a, "?room=bf", "bf").await?;
+    let (mut publisher, _) = connect(&gw_a, "?room=bf&username=p", "bf").await?;
+    // At most 16 sends in flight; the publisher's own copies of messages are skipped.
+    let mut kills = 0;
+    let mut acked = 0;
+    for i in 1..=N {
+        publisher
+            .say("bf", &format!("m{i}"), Some(&i.to_string()))
+            .await?;
+        while i >= acked + 16 || (i == N && acked < N) {
+            match publisher.recv().await? {
+                ServerFrame::Ack { id, .. } => {
+                    acked += 1;
+                    // Twice mid-stream, cut every subscriber connection (both instances').
+                    if id == N / 3 || id == 2 * N / 3 {
+                        for gw in [&gw_a, &gw_b] {
+                            eventually("resubscribed", || async {
+                                gw.get_status("/readyz").await.ok() == Some(200)
+                            })
+                            .await?;
+                        }
+                        let killed: i64 = admin
+                            .custom(
+                                fred::types::CustomCommand::new_static("CLIENT", None, false),
+                                vec!["KILL", "TYPE", "pubsub"],
+                            )
+                            .await?;
+                        ensure!(
+                            killed >= 2,
+                            "expected both subscribers killed, got {killed}"
+                        );
+                        kills += 1;
+                    }
+                }
+                ServerFrame::Message(_) => {}
+                other => bail!("publisher got {other:?}"),
+            }
+        }
+    }
+    assert_eq!(kills, 2);
+    for (name, client) in [("on_b", &mut on_b), ("on_a", &mut on_a)] {
+        let ids = collect_ids(client, N).await?;
+        ensure!(ids == (1..=N).collect::<Vec<_>>(), "{name} saw {ids:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_loses_nothing_acknowledged() -> anyhow::Result<()> {
+    const N: u64 = 60;
+    let mut redis =
+        RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await?;
+    let (gw_a, gw_b) = two(&redis).await?;
+    let (mut on_b, _) = connect(&gw_b, "?room=dur", "dur").await?;
+    let (mut publisher, _) = connect(&gw_a, "?room=dur&username=p", "dur").await?;
+    let mut refused = 0;
+    let mut i = 1;
+    while i <= N {
+        if i == N / 2 + 1 && refused == 0 {
+            redis.kill().await;
+            eventually("readyz 503", || async {
+                gw_a.get_status("/readyz").await.ok() == Some(503)
+            })
+            .await?;
+        }
+        publisher
+            .say("dur", &format!("m{i}"), Some(&i.to_string()))
+            .await?;
+        let acked = loop {
+            match publisher.recv().await? {
+                ServerFrame::Ack { id, reference, .. } => {
+                    assert_eq!(
+                        (id, reference),
+                        (i, i.to_string()),
+                        "ids continue after the restart"
+                    );
+                    break true;
+                }
+                ServerFrame::Error {
+                    code: ErrorCode::Unavailable,
+                    reference,
+                    ..
+                } => {
+                    assert_eq!(reference, Some(i.to_string()));
+                    break false;
+                }
+                ServerFrame::Message(_) => {}
+                other => bail!("publisher got {other:?}"),
+            }
+        };
+        if acked {
+            i += 1;
+        } else {
+            refused += 1;
+            if refused == 1 {
+                redis.restart().await?;
+            }
+            for gw in [&gw_a, &gw_b] {
+                eventually("ready again", || async {
+                    gw.get_status("/readyz").await.ok() == Some(200)
+                })
+                .await?;
+            }
+        }
+    }
+    assert!(refused >= 1, "the send during the outage must be refused");
+    let mut texts = Vec::new();
+    loop {
+        let m = on_b.recv_message().await?;
+        assert_eq!(m.id, texts.len() as u64 + 1);
+        texts.push(m.text);
+        if m.id == N {
+            break;
+        }
+    }
+    let want: Vec<String> = (1..=N).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts, want);
+    Ok(())
+}
