@@ -14,10 +14,12 @@
 mod client;
 mod gateway;
 mod redis;
+mod topology;
 
 pub use client::{Joined, WsClient};
 pub use gateway::TestGateway;
-pub use redis::RedisServer;
+pub use redis::{RedisCluster, RedisServer};
+pub use topology::{SENTINEL_SERVICE, Topology};
 
 /// Longest wait for any single expected event.
 pub const WAIT: std::time::Duration = std::time::Duration::from_secs(15);

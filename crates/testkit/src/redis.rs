@@ -17,6 +17,8 @@ pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     extra: Vec<String>,
+    /// A sentinel is started from a config file and says a different line when ready.
+    sentinel: bool,
 }
 
 impl RedisServer {
@@ -33,6 +35,7 @@ impl RedisServer {
             port: 0,
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            sentinel: false,
         };
         // A port found free can be taken before redis binds it: try a few.
         let mut last = None;
@@ -46,14 +49,48 @@ impl RedisServer {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("redis-server did not start")))
     }
 
+    /// Starts a Sentinel (on a free port) that monitors `primary` as `name`.
+    pub async fn start_sentinel(primary: &RedisServer, name: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut server = RedisServer {
+            child: None,
+            port: 0,
+            dir,
+            extra: Vec::new(),
+            sentinel: true,
+        };
+        let mut last = None;
+        for _ in 0..5 {
+            server.port = free_port();
+            let conf = format!(
+                "port {}\nbind 127.0.0.1\ndir {}\nsentinel monitor {name} 127.0.0.1 {} 1\n\
+                 sentinel down-after-milliseconds {name} 1000\n",
+                server.port,
+                server.dir.path().display(),
+                primary.port()
+            );
+            std::fs::write(server.dir.path().join("sentinel.conf"), conf)?;
+            match server.spawn().await {
+                Ok(()) => return Ok(server),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("redis sentinel did not start")))
+    }
+
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let mut cmd = Command::new("redis-server");
-        cmd.arg("--port")
-            .arg(self.port.to_string())
-            .args(["--bind", "127.0.0.1", "--save", "", "--dir"])
-            .arg(self.dir.path())
-            .args(&self.extra)
-            .stdout(Stdio::piped())
+        if self.sentinel {
+            cmd.arg(self.dir.path().join("sentinel.conf"))
+                .arg("--sentinel");
+        } else {
+            cmd.arg("--port")
+                .arg(self.port.to_string())
+                .args(["--bind", "127.0.0.1", "--save", "", "--dir"])
+                .arg(self.dir.path())
+                .args(&self.extra);
+        }
+        cmd.stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true);
         let mut child = cmd.spawn().map_err(|e| {
@@ -69,8 +106,13 @@ impl RedisServer {
         let stdout = child.stdout.take().context("no stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         let ready = tokio::time::timeout(WAIT, async {
+            let ready = if self.sentinel {
+                "+monitor master"
+            } else {
+                "Ready to accept connections"
+            };
             while let Some(line) = lines.next_line().await? {
-                if line.contains("Ready to accept connections") {
+                if line.contains(ready) {
                     return Ok(true);
                 }
             }
@@ -124,5 +166,86 @@ impl RedisServer {
         let client = Builder::from_config(Config::from_url(&self.url())?).build()?;
         client.init().await?;
         Ok(client)
+    }
+}
+
+/// A Redis Cluster of `n` primaries (no replicas), each a private redis-server.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts `n` cluster-enabled servers, creates the cluster and waits until every node
+    /// reports `cluster_state:ok`.
+    pub async fn start(n: usize) -> anyhow::Result<Self> {
+        let mut nodes = Vec::new();
+        for _ in 0..n {
+            nodes.push(
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--appendonly",
+                    "no",
+                ])
+                .await?,
+            );
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .await
+            .context("redis-cli is needed to create a cluster (Debian: redis-tools)")?;
+        if !out.status.success() {
+            bail!(
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        let cluster = RedisCluster { nodes };
+        // Slot assignment propagates by gossip; nothing announces it, so ask each node.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        for node in &cluster.nodes {
+            let client = node.client().await?;
+            loop {
+                let info: String = client
+                    .custom(
+                        fred::types::CustomCommand::new_static("CLUSTER", None, false),
+                        vec!["INFO"],
+                    )
+                    .await?;
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    bail!("cluster did not reach cluster_state:ok: {info}");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// `redis-cluster://` URL naming every node.
+    pub fn url(&self) -> String {
+        let mut url = format!("redis-cluster://127.0.0.1:{}", self.nodes[0].port());
+        for (i, node) in self.nodes.iter().enumerate().skip(1) {
+            url.push(if i == 1 { '?' } else { '&' });
+            url.push_str(&format!("node=127.0.0.1:{}", node.port()));
+        }
+        url
+    }
+
+    /// The nodes, for commands that must reach each one.
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
     }
 }

@@ -1,51 +1,114 @@
-//! Several instances on one private Redis: fan-out, gap-free joins under load,
-//! subscription bookkeeping, readiness.
+//! Several instances on one private Redis deployment: fan-out, gap-free joins under
+//! load, subscription bookkeeping, repair after lost subscriptions, readiness. Most tests
+//! run on a standalone Redis, a Sentinel-managed primary and a three-node Cluster.
 
 use std::time::Duration;
 
 use anyhow::{bail, ensure};
 use chat_protocol::{ErrorCode, ServerFrame};
-use chat_testkit::{RedisServer, TestGateway, WAIT, WsClient};
+use chat_testkit::{RedisServer, TestGateway, Topology, WAIT, WsClient};
 use fred::prelude::*;
 use serde_json::json;
 
 use crate::connect;
 
-async fn two(redis: &RedisServer) -> anyhow::Result<(TestGateway, TestGateway)> {
-    let a = TestGateway::with_redis(&redis.url(), &[("INSTANCE_ID", "gw-a")]).await?;
-    let b = TestGateway::with_redis(&redis.url(), &[("INSTANCE_ID", "gw-b")]).await?;
+/// Runs each named `async fn(Topology) -> anyhow::Result<()>` on every Redis topology.
+macro_rules! on_topologies {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn standalone() -> anyhow::Result<()> {
+                    super::$name(chat_testkit::Topology::standalone().await?).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sentinel() -> anyhow::Result<()> {
+                    super::$name(chat_testkit::Topology::sentinel().await?).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn cluster() -> anyhow::Result<()> {
+                    super::$name(chat_testkit::Topology::cluster().await?).await
+                }
+            }
+        )*
+    };
+}
+
+on_topologies!(
+    messages_cross_instances_with_consecutive_ids,
+    resume_with_since_on_another_instance,
+    joins_racing_a_burst_from_another_instance_see_every_id_once,
+    an_instance_subscribes_only_while_it_has_members,
+    killed_pubsub_connections_are_backfilled_from_history,
+);
+
+async fn two_on(url: &str) -> anyhow::Result<(TestGateway, TestGateway)> {
+    let a = TestGateway::with_redis(url, &[("INSTANCE_ID", "gw-a")]).await?;
+    let b = TestGateway::with_redis(url, &[("INSTANCE_ID", "gw-b")]).await?;
     Ok((a, b))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messages_cross_instances_with_consecutive_ids() -> anyhow::Result<()> {
-    let redis = RedisServer::start().await?;
-    let (gw_a, gw_b) = two(&redis).await?;
-    let (mut a, ia) = WsClient::connect_ws(&gw_a.ws_url("/ws?room=x&username=ann")).await?;
-    let (mut b, ib) = WsClient::connect_ws(&gw_b.ws_url("/ws?room=x&username=bob")).await?;
-    assert_eq!((ia.as_str(), ib.as_str()), ("gw-a", "gw-b"));
-    a.until_joined("x").await?;
-    b.until_joined("x").await?;
-    for round in 0..5u64 {
-        a.say("x", &format!("from a {round}"), None).await?;
-        let (ma, mb) = (a.recv_message().await?, b.recv_message().await?);
-        assert_eq!((ma.id, mb.id), (2 * round + 1, 2 * round + 1));
-        assert_eq!(
-            (mb.username.as_str(), mb.text),
-            ("ann", format!("from a {round}"))
-        );
-        b.say("x", &format!("from b {round}"), None).await?;
-        let (ma, mb) = (a.recv_message().await?, b.recv_message().await?);
-        assert_eq!((ma.id, mb.id), (2 * round + 2, 2 * round + 2));
-        assert_eq!(ma.username, "bob");
+async fn two(redis: &RedisServer) -> anyhow::Result<(TestGateway, TestGateway)> {
+    two_on(&redis.url()).await
+}
+
+/// Runs a Redis command on every data node and adds up the integer replies.
+async fn on_every_node(
+    topo: &Topology,
+    cmd: &'static str,
+    args: Vec<String>,
+) -> anyhow::Result<i64> {
+    let mut total = 0;
+    for node in topo.data_nodes() {
+        let reply: Value = node
+            .client()
+            .await?
+            .custom(
+                fred::types::CustomCommand::new_static(cmd, None, false),
+                args.clone(),
+            )
+            .await?;
+        total += match reply {
+            Value::Integer(n) => n,
+            // PUBSUB (SHARD)NUMSUB: [channel, count]
+            Value::Array(v) => v.get(1).and_then(Value::as_i64).unwrap_or(0),
+            other => bail!("unexpected {cmd} reply {other:?}"),
+        };
+    }
+    Ok(total)
+}
+
+async fn messages_cross_instances_with_consecutive_ids(topo: Topology) -> anyhow::Result<()> {
+    let (gw_a, gw_b) = two_on(&topo.url()).await?;
+    // Several rooms, so that on a cluster they live on different nodes.
+    for room in ["x", "y", "zz", "room-42", "general"] {
+        let q = |u: &str| format!("/ws?room={room}&username={u}");
+        let (mut a, ia) = WsClient::connect_ws(&gw_a.ws_url(&q("ann"))).await?;
+        let (mut b, ib) = WsClient::connect_ws(&gw_b.ws_url(&q("bob"))).await?;
+        assert_eq!((ia.as_str(), ib.as_str()), ("gw-a", "gw-b"));
+        a.until_joined(room).await?;
+        b.until_joined(room).await?;
+        for round in 0..3u64 {
+            a.say(room, &format!("from a {round}"), None).await?;
+            let (ma, mb) = (a.recv_message().await?, b.recv_message().await?);
+            assert_eq!((ma.id, mb.id), (2 * round + 1, 2 * round + 1));
+            assert_eq!(
+                (mb.username.as_str(), mb.text),
+                ("ann", format!("from a {round}"))
+            );
+            b.say(room, &format!("from b {round}"), None).await?;
+            let (ma, mb) = (a.recv_message().await?, b.recv_message().await?);
+            assert_eq!((ma.id, mb.id), (2 * round + 2, 2 * round + 2));
+            assert_eq!((ma.room.as_str(), ma.username.as_str()), (room, "bob"));
+        }
     }
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resume_with_since_on_another_instance() -> anyhow::Result<()> {
-    let redis = RedisServer::start().await?;
-    let (gw_a, gw_b) = two(&redis).await?;
+async fn resume_with_since_on_another_instance(topo: Topology) -> anyhow::Result<()> {
+    let (gw_a, gw_b) = two_on(&topo.url()).await?;
     let (mut a, _) = connect(&gw_a, "?room=r", "r").await?;
     for i in 1..=10 {
         a.say("r", &format!("n{i}"), None).await?;
@@ -76,12 +139,12 @@ async fn collect_ids(c: &mut WsClient, last: u64) -> anyhow::Result<Vec<u64>> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn joins_racing_a_burst_from_another_instance_see_every_id_once() -> anyhow::Result<()> {
+async fn joins_racing_a_burst_from_another_instance_see_every_id_once(
+    topo: Topology,
+) -> anyhow::Result<()> {
     const N: u64 = 150;
-    const ROUNDS: usize = 12;
-    let redis = RedisServer::start().await?;
-    let (gw_a, gw_b) = two(&redis).await?;
+    const ROUNDS: usize = 10;
+    let (gw_a, gw_b) = two_on(&topo.url()).await?;
     for round in 0..ROUNDS {
         let room = format!("race{round}");
         let (mut publisher, _) = connect(&gw_a, &format!("?room={room}&username=p"), &room).await?;
@@ -121,51 +184,50 @@ async fn joins_racing_a_burst_from_another_instance_see_every_id_once() -> anyho
     Ok(())
 }
 
-async fn numsub(client: &Client, channel: &str) -> anyhow::Result<i64> {
-    let reply: Vec<Value> = client.pubsub_numsub(channel).await?;
-    match reply.get(1).and_then(Value::as_i64) {
-        Some(n) => Ok(n),
-        None => bail!("unexpected PUBSUB NUMSUB reply {reply:?}"),
-    }
+async fn numsub(topo: &Topology, channel: &str) -> anyhow::Result<i64> {
+    let kind = if topo.is_cluster() {
+        "SHARDNUMSUB"
+    } else {
+        "NUMSUB"
+    };
+    on_every_node(topo, "PUBSUB", vec![kind.into(), channel.into()]).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_instance_subscribes_only_while_it_has_members() -> anyhow::Result<()> {
-    let redis = RedisServer::start().await?;
-    let r = redis.client().await?;
-    let (gw_a, gw_b) = two(&redis).await?;
-    assert_eq!(numsub(&r, "chat:{sub}").await?, 0);
+async fn an_instance_subscribes_only_while_it_has_members(topo: Topology) -> anyhow::Result<()> {
+    let r = &topo;
+    let (gw_a, gw_b) = two_on(&topo.url()).await?;
+    assert_eq!(numsub(r, "chat:{sub}").await?, 0);
     let (mut a1, _) = connect(&gw_a, "?room=lobby", "lobby").await?;
     a1.join("sub", None).await?;
     a1.until_joined("sub").await?;
     assert_eq!(
-        numsub(&r, "chat:{sub}").await?,
+        numsub(r, "chat:{sub}").await?,
         1,
         "A subscribed on first join"
     );
     let (mut a2, _) = connect(&gw_a, "?room=sub", "sub").await?;
     assert_eq!(
-        numsub(&r, "chat:{sub}").await?,
+        numsub(r, "chat:{sub}").await?,
         1,
         "one subscription per instance"
     );
     let (_b1, _) = connect(&gw_b, "?room=sub", "sub").await?;
-    assert_eq!(numsub(&r, "chat:{sub}").await?, 2);
+    assert_eq!(numsub(r, "chat:{sub}").await?, 2);
     a1.send_json(json!({"type": "leave", "room": "sub"}))
         .await?;
     assert_eq!(a1.recv().await?, ServerFrame::Left { room: "sub".into() });
-    assert_eq!(numsub(&r, "chat:{sub}").await?, 2, "A still has a2");
+    assert_eq!(numsub(r, "chat:{sub}").await?, 2, "A still has a2");
     a2.send_json(json!({"type": "leave", "room": "sub"}))
         .await?;
     assert_eq!(a2.recv().await?, ServerFrame::Left { room: "sub".into() });
     assert_eq!(
-        numsub(&r, "chat:{sub}").await?,
+        numsub(r, "chat:{sub}").await?,
         1,
         "A unsubscribed after its last member left"
     );
     // Rooms nobody joined are never subscribed.
-    assert_eq!(numsub(&r, "chat:{lobby}").await?, 1);
-    assert_eq!(numsub(&r, "chat:{general}").await?, 0);
+    assert_eq!(numsub(r, "chat:{lobby}").await?, 1);
+    assert_eq!(numsub(r, "chat:{general}").await?, 0);
     Ok(())
 }
 
@@ -237,12 +299,11 @@ async fn readyz_follows_redis_and_sends_are_refused_while_it_is_down() -> anyhow
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_pubsub_connections_are_backfilled_from_history() -> anyhow::Result<()> {
+async fn killed_pubsub_connections_are_backfilled_from_history(
+    topo: Topology,
+) -> anyhow::Result<()> {
     const N: u64 = 400;
-    let redis = RedisServer::start().await?;
-    let admin = redis.client().await?;
-    let (gw_a, gw_b) = two(&redis).await?;
+    let (gw_a, gw_b) = two_on(&topo.url()).await?;
     let (mut on_b, _) = connect(&gw_b, "?room=bf", "bf").await?;
     let (mut on_a, _) = connect(&gw_a, "?room=bf", "bf").await?;
     let (mut publisher, _) = connect(&gw_a, "?room=bf&username=p", "bf").await?;
@@ -265,12 +326,8 @@ async fn killed_pubsub_connections_are_backfilled_from_history() -> anyhow::Resu
                             })
                             .await?;
                         }
-                        let killed: i64 = admin
-                            .custom(
-                                fred::types::CustomCommand::new_static("CLIENT", None, false),
-                                vec!["KILL", "TYPE", "pubsub"],
-                            )
-                            .await?;
+                        let kill = vec!["KILL".into(), "TYPE".into(), "pubsub".into()];
+                        let killed = on_every_node(&topo, "CLIENT", kill).await?;
                         ensure!(
                             killed >= 2,
                             "expected both subscribers killed, got {killed}"
