@@ -127,6 +127,24 @@ impl Config {
         if redis_prefix.contains(['{', '}']) || redis_prefix.chars().any(char::is_whitespace) {
             return Err(invalid("REDIS_PREFIX", "must not contain braces or spaces"));
         }
+        if let Some(url) = &raw.redis_url {
+            let scheme = url.split_once("://").map(|(s, _)| s);
+            const SCHEMES: [&str; 6] = [
+                "redis",
+                "rediss",
+                "redis-sentinel",
+                "rediss-sentinel",
+                "redis-cluster",
+                "rediss-cluster",
+            ];
+            if !scheme.is_some_and(|s| SCHEMES.contains(&s)) {
+                return Err(invalid(
+                    "REDIS_URL",
+                    "must start with redis://, rediss://, redis-sentinel://, rediss-sentinel://, \
+                     redis-cluster:// or rediss-cluster://",
+                ));
+            }
+        }
         let default_room = raw.default_room.as_deref().unwrap_or("general");
         let default_room =
             RoomName::new(default_room).map_err(|e| invalid("DEFAULT_ROOM", &e.to_string()))?;
@@ -276,6 +294,8 @@ mod tests {
             (&[("PING_INTERVAL_SECS", "-1")][..], "PING_INTERVAL_SECS"),
             (&[("MAX_TEXT_BYTES", "100000")][..], "MAX_TEXT_BYTES"),
             (&[("REDIS_PREFIX", "a{b")][..], "REDIS_PREFIX"),
+            (&[("REDIS_URL", "localhost:6379")][..], "REDIS_URL"),
+            (&[("REDIS_URL", "http://x")][..], "REDIS_URL"),
         ] {
             let err = cfg(vars).unwrap_err().to_string();
             assert!(err.contains(name), "{err:?} should name {name}");

@@ -241,8 +241,13 @@ impl RedisBus {
     /// Stops the reader and closes both connections.
     pub async fn shutdown(&self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            let _ = self.inner.subscriber.quit().await;
-            let _ = self.inner.commands.quit().await;
+            // QUIT waits for a connection that may never come: only when connected.
+            if self.inner.subscriber.is_connected() {
+                let _ = self.inner.subscriber.quit().await;
+            }
+            if self.inner.commands.is_connected() {
+                let _ = self.inner.commands.quit().await;
+            }
         })
         .await;
         for task in self.tasks().drain(..) {
