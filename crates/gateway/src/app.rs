@@ -1,6 +1,6 @@
 //! The server's lifecycle: build (bus + hub), bind, serve HTTP and WebSocket routes, and
-//! shut down — stop accepting, close every connection with 1012, wait at most
-//! `SHUTDOWN_GRACE_SECS`, close the bus.
+//! shut down — report not ready, refuse new WebSockets, close every connection with 1012
+//! spread over `SHUTDOWN_DRAIN_SECS`, wait at most `SHUTDOWN_GRACE_SECS`, close the bus.
 //!
 //! Signals are not handled here: [`App::run`] takes a shutdown future, so tests and the
 //! binary decide what "stop" means.
@@ -11,14 +11,14 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
 
 use axum::{
     Router,
     extract::{Query, State, WebSocketUpgrade},
-    http::StatusCode,
+    http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -76,9 +76,16 @@ pub struct AppState {
     /// Every session task, so shutdown can wait for them.
     pub tracker: TaskTracker,
     next_conn: AtomicU64,
+    /// Open WebSocket connections (for `MAX_CONNECTIONS`).
+    connections: Arc<AtomicUsize>,
 }
 
 impl AppState {
+    /// Open WebSocket connections on this instance.
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
     /// A fresh connection id.
     pub fn next_conn_id(&self) -> ConnId {
         self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
@@ -134,6 +141,7 @@ impl App {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             next_conn: AtomicU64::new(0),
+            connections: Arc::new(AtomicUsize::new(0)),
         });
         Ok(App { listener, state })
     }
@@ -168,26 +176,35 @@ impl App {
         });
         let addr = listener.local_addr()?;
         info!(%addr, instance = %state.config.instance_id, "listening");
+        // Shutdown: `/readyz` turns 503 and upgrades are refused at once; every session
+        // closes its client with 1012 at its own moment within SHUTDOWN_DRAIN_SECS. HTTP
+        // keeps answering meanwhile (load balancers see the 503), and stops once the last
+        // session is gone or SHUTDOWN_GRACE_SECS have passed. axum alone would not wait
+        // for upgraded WebSockets.
+        let drained = {
+            let state = state.clone();
+            async move {
+                state.shutdown.cancelled().await;
+                info!(
+                    connections = state.tracker.len(),
+                    "shutting down: draining connections"
+                );
+                state.tracker.close();
+                let grace = state.config.shutdown_grace;
+                if tokio::time::timeout(grace, state.tracker.wait())
+                    .await
+                    .is_err()
+                {
+                    warn!(
+                        left = state.tracker.len(),
+                        "grace period over; dropping connections"
+                    );
+                }
+            }
+        };
         axum::serve(listener, router(state.clone()))
-            .with_graceful_shutdown(state.shutdown.clone().cancelled_owned())
+            .with_graceful_shutdown(drained)
             .await?;
-        // Upgraded WebSockets are not tracked by axum: each session sees the same token,
-        // closes its client with 1012 and ends; wait for them here.
-        info!(
-            connections = state.tracker.len(),
-            "shutting down: closing connections"
-        );
-        state.tracker.close();
-        let grace = state.config.shutdown_grace;
-        if tokio::time::timeout(grace, state.tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                left = state.tracker.len(),
-                "grace period over; dropping connections"
-            );
-        }
         state.bus.shutdown().await;
         info!("stopped");
         Ok(())
@@ -208,27 +225,49 @@ pub fn router(state: Arc<AppState>) -> Router {
 async fn ws(
     upgrade: WebSocketUpgrade,
     Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
     State(state): State<Arc<AppState>>,
 ) -> Response {
-    accept(upgrade, query, state, false)
+    accept(upgrade, query, &headers, state, false)
 }
 
 async fn legacy_ws(
     upgrade: WebSocketUpgrade,
     Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
     State(state): State<Arc<AppState>>,
 ) -> Response {
-    accept(upgrade, query, state, true)
+    accept(upgrade, query, &headers, state, true)
+}
+
+/// Counts a connection until dropped.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn accept(
     upgrade: WebSocketUpgrade,
     query: HashMap<String, String>,
+    headers: &HeaderMap,
     state: Arc<AppState>,
     legacy: bool,
 ) -> Response {
     if state.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    if !state.config.allowed_origins.allows(headers) {
+        warn!(origin = ?headers.get(axum::http::header::ORIGIN), "refused a WebSocket from another origin");
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    let open = state.connections.fetch_add(1, Ordering::Relaxed);
+    let slot = ConnectionSlot(state.connections.clone());
+    let limit = state.config.max_connections;
+    if limit > 0 && open >= limit {
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
     }
     let max = state.config.max_frame_bytes;
     let task = state.tracker.token();
@@ -239,6 +278,7 @@ fn accept(
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
             let _task = task;
+            let _slot = slot;
             session::run(socket, state, ConnectParams::from_query(query), legacy).await;
         })
 }

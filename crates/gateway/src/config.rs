@@ -6,6 +6,8 @@ use std::{fmt, net::IpAddr, time::Duration};
 use chat_protocol::RoomName;
 use serde::Deserialize;
 
+use crate::limits::OriginPolicy;
+
 /// A configuration the gateway refuses to start with; names the variable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -52,6 +54,22 @@ pub struct Config {
     pub max_frame_bytes: usize,
     /// Live messages queued per client before it is closed as too slow (`CLIENT_QUEUE`, default 1024).
     pub client_queue: usize,
+    /// Bytes of live messages queued per client before it is closed as too slow
+    /// (`CLIENT_QUEUE_BYTES`, default 1 MiB).
+    pub client_queue_bytes: usize,
+    /// Frames per second a connection may send on average (`RATE_LIMIT_PER_SEC`, default 50; 0 = off).
+    pub rate_limit_per_sec: u32,
+    /// Frames a connection may send in a burst (`RATE_LIMIT_BURST`, default 100).
+    pub rate_limit_burst: u32,
+    /// WebSocket connections per instance; more get HTTP 503 (`MAX_CONNECTIONS`, default 0 = no limit).
+    pub max_connections: usize,
+    /// Rooms one connection may be in (`MAX_ROOMS_PER_CONNECTION`, default 100).
+    pub max_rooms_per_connection: usize,
+    /// Browser origins allowed to connect (`ALLOWED_ORIGINS`; default: the request's own host).
+    pub allowed_origins: OriginPolicy,
+    /// On shutdown, clients are closed at random moments within this window
+    /// (`SHUTDOWN_DRAIN_SECS`, default 3; 0 = all at once).
+    pub shutdown_drain: Duration,
     /// Seconds between server pings (`PING_INTERVAL_SECS`, default 25).
     pub ping_interval: Duration,
     /// A socket write that takes longer closes the connection (`WRITE_TIMEOUT_SECS`, default 10).
@@ -79,6 +97,13 @@ struct Raw {
     max_text_bytes: Option<usize>,
     max_frame_bytes: Option<usize>,
     client_queue: Option<usize>,
+    client_queue_bytes: Option<usize>,
+    rate_limit_per_sec: Option<u32>,
+    rate_limit_burst: Option<u32>,
+    max_connections: Option<usize>,
+    max_rooms_per_connection: Option<usize>,
+    allowed_origins: Option<String>,
+    shutdown_drain_secs: Option<u64>,
     ping_interval_secs: Option<u64>,
     write_timeout_secs: Option<u64>,
     redis_timeout_ms: Option<u64>,
@@ -170,6 +195,21 @@ impl Config {
         if !(1..=1_000_000).contains(&client_queue) {
             return Err(invalid("CLIENT_QUEUE", "must be between 1 and 1000000"));
         }
+        let client_queue_bytes = raw.client_queue_bytes.unwrap_or(1 << 20);
+        if client_queue_bytes < 1024 {
+            return Err(invalid("CLIENT_QUEUE_BYTES", "must be at least 1024"));
+        }
+        let rate_limit_per_sec = raw.rate_limit_per_sec.unwrap_or(50);
+        let rate_limit_burst = raw.rate_limit_burst.unwrap_or(100);
+        if rate_limit_per_sec > 0 && rate_limit_burst == 0 {
+            return Err(invalid("RATE_LIMIT_BURST", "must be at least 1"));
+        }
+        let max_rooms_per_connection = raw.max_rooms_per_connection.unwrap_or(100);
+        if max_rooms_per_connection == 0 {
+            return Err(invalid("MAX_ROOMS_PER_CONNECTION", "must be at least 1"));
+        }
+        let allowed_origins = OriginPolicy::parse(raw.allowed_origins.as_deref().unwrap_or(""))
+            .map_err(|e| invalid("ALLOWED_ORIGINS", &e.to_string()))?;
         let secs = |v: Option<u64>, default: u64, var: &'static str, max: u64| {
             let v = v.unwrap_or(default);
             if (1..=max).contains(&v) {
@@ -184,6 +224,13 @@ impl Config {
         let ping_interval = secs(raw.ping_interval_secs, 25, "PING_INTERVAL_SECS", 3600)?;
         let write_timeout = secs(raw.write_timeout_secs, 10, "WRITE_TIMEOUT_SECS", 3600)?;
         let shutdown_grace = secs(raw.shutdown_grace_secs, 25, "SHUTDOWN_GRACE_SECS", 3600)?;
+        let shutdown_drain = Duration::from_secs(raw.shutdown_drain_secs.unwrap_or(3));
+        if shutdown_drain >= shutdown_grace {
+            return Err(invalid(
+                "SHUTDOWN_DRAIN_SECS",
+                "must be shorter than SHUTDOWN_GRACE_SECS",
+            ));
+        }
         let redis_timeout = raw.redis_timeout_ms.unwrap_or(2000);
         if !(10..=60_000).contains(&redis_timeout) {
             return Err(invalid("REDIS_TIMEOUT_MS", "must be between 10 and 60000"));
@@ -217,6 +264,13 @@ impl Config {
             max_text_bytes,
             max_frame_bytes,
             client_queue,
+            client_queue_bytes,
+            rate_limit_per_sec,
+            rate_limit_burst,
+            max_connections: raw.max_connections.unwrap_or(0),
+            max_rooms_per_connection,
+            allowed_origins,
+            shutdown_drain,
             ping_interval,
             write_timeout,
             redis_timeout: Duration::from_millis(redis_timeout),
@@ -254,6 +308,13 @@ impl fmt::Debug for Config {
             .field("max_text_bytes", &self.max_text_bytes)
             .field("max_frame_bytes", &self.max_frame_bytes)
             .field("client_queue", &self.client_queue)
+            .field("client_queue_bytes", &self.client_queue_bytes)
+            .field("rate_limit_per_sec", &self.rate_limit_per_sec)
+            .field("rate_limit_burst", &self.rate_limit_burst)
+            .field("max_connections", &self.max_connections)
+            .field("max_rooms_per_connection", &self.max_rooms_per_connection)
+            .field("allowed_origins", &self.allowed_origins)
+            .field("shutdown_drain", &self.shutdown_drain)
             .field("ping_interval", &self.ping_interval)
             .field("write_timeout", &self.write_timeout)
             .field("redis_timeout", &self.redis_timeout)
@@ -295,6 +356,12 @@ mod tests {
             (&[("MAX_TEXT_BYTES", "100000")][..], "MAX_TEXT_BYTES"),
             (&[("REDIS_PREFIX", "a{b")][..], "REDIS_PREFIX"),
             (&[("REDIS_URL", "localhost:6379")][..], "REDIS_URL"),
+            (&[("ALLOWED_ORIGINS", "a b")][..], "ALLOWED_ORIGINS"),
+            (&[("SHUTDOWN_DRAIN_SECS", "30")][..], "SHUTDOWN_DRAIN_SECS"),
+            (
+                &[("MAX_ROOMS_PER_CONNECTION", "0")][..],
+                "MAX_ROOMS_PER_CONNECTION",
+            ),
             (&[("REDIS_URL", "http://x")][..], "REDIS_URL"),
         ] {
             let err = cfg(vars).unwrap_err().to_string();

@@ -510,7 +510,7 @@ mod tests {
     async fn a_gap_is_repaired_from_history_in_order_and_duplicates_are_dropped() {
         let (bus, msgs, room) = store_with(6).await;
         let hub = Arc::new(Hub::new(16));
-        let outbox = Arc::new(Outbox::new(100));
+        let outbox = Arc::new(Outbox::new(100, 1 << 20));
         hub.join(&room, 1, outbox.clone(), &bus).await.unwrap();
         assert_eq!(hub.go_live(&room, 1, 1, |_| None), GoLive::Live(1));
         hub.dispatch("r", msgs[1].clone()); // 2
@@ -535,7 +535,7 @@ mod tests {
             bus.publish(&room, &t).await.unwrap();
         }
         let hub = Arc::new(Hub::new(16));
-        let outbox = Arc::new(Outbox::new(100));
+        let outbox = Arc::new(Outbox::new(100, 1 << 20));
         hub.join(&room, 1, outbox.clone(), &bus).await.unwrap();
         hub.go_live(&room, 1, 2, |_| None);
         hub.repair_all();
@@ -547,7 +547,7 @@ mod tests {
     async fn a_hole_in_a_join_buffer_is_repaired_after_going_live() {
         let (bus, msgs, room) = store_with(5).await;
         let hub = Arc::new(Hub::new(16));
-        let outbox = Arc::new(Outbox::new(100));
+        let outbox = Arc::new(Outbox::new(100, 1 << 20));
         hub.join(&room, 1, outbox.clone(), &bus).await.unwrap();
         hub.dispatch("r", msgs[2].clone()); // 3
         hub.dispatch("r", msgs[4].clone()); // 5 (4 lost)

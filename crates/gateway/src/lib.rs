@@ -9,6 +9,7 @@ pub mod app;
 pub mod bus;
 pub mod config;
 pub mod hub;
+pub mod limits;
 pub mod outbox;
 pub mod session;
 pub mod telemetry;

@@ -2,8 +2,9 @@
 //!
 //! Three ways in, one way out (the connection's writer task, which drains in batches):
 //! - [`Outbox::push_live`] — live messages from the hub. Never waits: when `CLIENT_QUEUE`
-//!   live messages are already waiting, the client is too slow and the outbox closes with
-//!   1013, so a slow client can never hold up the hub or anyone else.
+//!   live messages or `CLIENT_QUEUE_BYTES` bytes of them are already waiting, the client
+//!   is too slow and the outbox closes with 1013, so a slow client can never hold up the
+//!   hub or anyone else.
 //! - [`Outbox::push`] — frames the session produces itself (history replay, acks, errors).
 //!   Waits for room instead, so a replay far larger than `CLIENT_QUEUE` is flow-controlled
 //!   and a client that floods us without reading is back-pressured through TCP.
@@ -33,6 +34,8 @@ pub enum CloseReason {
     TooBig,
     /// The instance is shutting down: close 1012.
     Restart,
+    /// The client broke policy (too many refused frames): close 1008.
+    Policy,
     /// The peer stopped answering pings or went away: no close frame.
     Gone,
 }
@@ -66,6 +69,7 @@ struct Entry {
 struct State {
     queue: VecDeque<Entry>,
     live: usize,
+    live_bytes: usize,
     closing: Option<CloseReason>,
 }
 
@@ -83,11 +87,13 @@ pub struct Outbox {
     /// Set by the reader on every frame from the peer, taken by the writer's keep-alive.
     alive: AtomicBool,
     live_cap: usize,
+    live_bytes_cap: usize,
 }
 
 impl Outbox {
-    /// An outbox closing the client after `live_cap` undelivered live messages.
-    pub fn new(live_cap: usize) -> Self {
+    /// An outbox closing the client after `live_cap` undelivered live messages or
+    /// `live_bytes_cap` bytes of them.
+    pub fn new(live_cap: usize, live_bytes_cap: usize) -> Self {
         Outbox {
             state: Mutex::new(State::default()),
             wake_writer: Notify::new(),
@@ -95,6 +101,7 @@ impl Outbox {
             done: CancellationToken::new(),
             alive: AtomicBool::new(true),
             live_cap,
+            live_bytes_cap,
         }
     }
 
@@ -109,7 +116,7 @@ impl Outbox {
         if st.closing.is_some() {
             return LivePush::Closed;
         }
-        if st.live >= self.live_cap {
+        if st.live >= self.live_cap || st.live_bytes + frame.len() > self.live_bytes_cap {
             st.closing = Some(CloseReason::TooSlow);
             st.queue.clear();
             drop(st);
@@ -119,6 +126,7 @@ impl Outbox {
             return LivePush::Overflow;
         }
         st.live += 1;
+        st.live_bytes += frame.len();
         st.queue.push_back(Entry { frame, live: true });
         drop(st);
         self.wake_writer.notify_one();
@@ -206,12 +214,16 @@ impl Outbox {
                 }
                 if !st.queue.is_empty() {
                     let n = st.queue.len().min(max);
-                    let mut live = 0;
+                    let (mut live, mut live_bytes) = (0, 0);
                     out.extend(st.queue.drain(..n).map(|e| {
-                        live += usize::from(e.live);
+                        if e.live {
+                            live += 1;
+                            live_bytes += e.frame.len();
+                        }
                         e.frame
                     }));
                     st.live -= live;
+                    st.live_bytes -= live_bytes;
                     drop(st);
                     self.space.notify_one();
                     return Ok(());
@@ -232,7 +244,7 @@ mod tests {
 
     #[tokio::test]
     async fn keeps_order_across_kinds_and_drains_in_batches() {
-        let o = Outbox::new(10);
+        let o = Outbox::new(10, 1 << 20);
         o.push(f("a")).await.unwrap();
         assert_eq!(o.push_live(f("b")), LivePush::Queued);
         o.push_now(f("c")).unwrap();
@@ -244,7 +256,7 @@ mod tests {
 
     #[tokio::test]
     async fn live_overflow_closes_with_too_slow_and_refuses_more() {
-        let o = Outbox::new(2);
+        let o = Outbox::new(2, 1 << 20);
         assert_eq!(o.push_live(f("1")), LivePush::Queued);
         assert_eq!(o.push_live(f("2")), LivePush::Queued);
         assert_eq!(o.push_live(f("3")), LivePush::Overflow);
@@ -255,9 +267,18 @@ mod tests {
         assert!(out.is_empty());
     }
 
+    #[test]
+    fn the_byte_bound_closes_too() {
+        let o = Outbox::new(100, 10);
+        assert_eq!(o.push_live(f("12345")), LivePush::Queued);
+        assert_eq!(o.push_live(f("12345")), LivePush::Queued);
+        assert_eq!(o.push_live(f("1")), LivePush::Overflow);
+        assert_eq!(o.closing(), Some(CloseReason::TooSlow));
+    }
+
     #[tokio::test]
     async fn draining_frees_live_slots() {
-        let o = Outbox::new(2);
+        let o = Outbox::new(2, 1 << 20);
         let mut out = Vec::new();
         for _ in 0..10 {
             assert_eq!(o.push_live(f("m")), LivePush::Queued);
@@ -269,7 +290,7 @@ mod tests {
 
     #[tokio::test]
     async fn session_push_waits_for_the_writer_instead_of_failing() {
-        let o = std::sync::Arc::new(Outbox::new(1));
+        let o = std::sync::Arc::new(Outbox::new(1, 1 << 20));
         for _ in 0..PUSH_WINDOW {
             o.push(f("h")).await.unwrap();
         }
@@ -286,7 +307,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_wakes_a_waiting_session() {
-        let o = std::sync::Arc::new(Outbox::new(1));
+        let o = std::sync::Arc::new(Outbox::new(1, 1 << 20));
         for _ in 0..PUSH_WINDOW {
             o.push(f("h")).await.unwrap();
         }

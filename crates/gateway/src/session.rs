@@ -27,6 +27,7 @@ use crate::{
     app::AppState,
     bus::{Bus, History, Msg},
     hub::{ConnId, GoLive},
+    limits::RateLimit,
     outbox::{CloseReason, Outbox},
 };
 
@@ -66,7 +67,16 @@ struct Session {
     username: Option<Username>,
     /// Rooms in join order; `false` while the join's replay is in progress.
     rooms: Vec<(RoomName, bool)>,
+    rate: RateLimit,
+    /// Frames refused in a row (not counting `unavailable`); at [`BAD_FRAME_LIMIT`] the
+    /// connection is closed with 1008.
+    refused_in_a_row: u32,
+    /// Whether the frame being handled was refused.
+    refused: bool,
 }
+
+/// Consecutive refused frames after which a connection is closed with 1008.
+pub const BAD_FRAME_LIMIT: u32 = 10;
 
 /// Serves one upgraded WebSocket until it closes.
 pub async fn run(socket: WebSocket, state: Arc<AppState>, params: ConnectParams, legacy: bool) {
@@ -74,7 +84,10 @@ pub async fn run(socket: WebSocket, state: Arc<AppState>, params: ConnectParams,
     let span = info_span!("conn", conn, instance = %state.config.instance_id, legacy);
     async move {
         let (sink, stream) = socket.split();
-        let outbox = Arc::new(Outbox::new(state.config.client_queue));
+        let outbox = Arc::new(Outbox::new(
+            state.config.client_queue,
+            state.config.client_queue_bytes,
+        ));
         let writer = tokio::spawn(
             write_loop(
                 sink,
@@ -84,6 +97,8 @@ pub async fn run(socket: WebSocket, state: Arc<AppState>, params: ConnectParams,
             )
             .in_current_span(),
         );
+        let state_rate = &state.config;
+        let rate = RateLimit::new(state_rate.rate_limit_per_sec, state_rate.rate_limit_burst);
         let mut session = Session {
             state,
             conn,
@@ -91,6 +106,9 @@ pub async fn run(socket: WebSocket, state: Arc<AppState>, params: ConnectParams,
             legacy,
             username: None,
             rooms: Vec::new(),
+            rate,
+            refused_in_a_row: 0,
+            refused: false,
         };
         debug!("connected");
         let stream = session.serve(stream, params).await;
@@ -118,12 +136,22 @@ impl Session {
         mut stream: SplitStream<WebSocket>,
         params: ConnectParams,
     ) -> Option<SplitStream<WebSocket>> {
-        let shutdown = self.state.shutdown.clone();
+        // On shutdown each client is closed at its own random moment within the drain
+        // window, so they do not all reconnect elsewhere in the same millisecond.
+        let shutdown_token = self.state.shutdown.clone();
+        let drain = self.state.config.shutdown_drain;
+        let jitter =
+            Duration::from_millis(fastrand::u64(0..=drain.as_millis().try_into().unwrap_or(0)));
+        let shutdown = async move {
+            shutdown_token.cancelled().await;
+            tokio::time::sleep(jitter).await;
+        };
+        tokio::pin!(shutdown);
         let outbox = self.outbox.clone();
         let done = outbox.done();
         tokio::select! {
             biased;
-            () = shutdown.cancelled() => {
+            () = &mut shutdown => {
                 outbox.close(CloseReason::Restart);
                 return Some(stream);
             }
@@ -133,7 +161,7 @@ impl Session {
         loop {
             let next = tokio::select! {
                 biased;
-                () = shutdown.cancelled() => {
+                () = &mut shutdown => {
                     outbox.close(CloseReason::Restart);
                     return Some(stream);
                 }
@@ -155,7 +183,7 @@ impl Session {
             outbox.mark_alive();
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => {
+                () = &mut shutdown => {
                     outbox.close(CloseReason::Restart);
                     return Some(stream);
                 }
@@ -228,7 +256,39 @@ impl Session {
         let limits = Limits {
             max_text_bytes: self.state.config.max_text_bytes,
         };
-        match parse_client_frame(text.as_str(), limits) {
+        self.refused = false;
+        let frame = parse_client_frame(text.as_str(), limits);
+        if !self.rate.allow() {
+            let reference = match &frame {
+                Ok(ClientFrame::Join { reference, .. })
+                | Ok(ClientFrame::Leave { reference, .. })
+                | Ok(ClientFrame::Send { reference, .. }) => reference.clone(),
+                Err(e) => e.reference.clone(),
+            };
+            let err = FrameError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {} frames per second: slow down",
+                    self.state.config.rate_limit_per_sec
+                ),
+            );
+            self.refuse(err.with_ref(reference)).await;
+        } else {
+            self.handle(frame).await;
+        }
+        if self.refused {
+            self.refused_in_a_row += 1;
+            if self.refused_in_a_row >= BAD_FRAME_LIMIT {
+                debug!("closing a connection that sends only refused frames");
+                self.outbox.close(CloseReason::Policy);
+            }
+        } else {
+            self.refused_in_a_row = 0;
+        }
+    }
+
+    async fn handle(&mut self, frame: Result<ClientFrame, FrameError>) {
+        match frame {
             Ok(ClientFrame::Join {
                 room,
                 since,
@@ -248,6 +308,14 @@ impl Session {
     async fn join(&mut self, room: RoomName, since: Option<u64>, reference: Option<String>) {
         if self.rooms.iter().any(|(r, _)| *r == room) {
             let err = FrameError::new(ErrorCode::BadRequest, format!("already joined {room}"));
+            return self.refuse(err.with_ref(reference)).await;
+        }
+        let max = self.state.config.max_rooms_per_connection;
+        if self.rooms.len() >= max {
+            let err = FrameError::new(
+                ErrorCode::Forbidden,
+                format!("a connection may be in at most {max} rooms: leave one first"),
+            );
             return self.refuse(err.with_ref(reference)).await;
         }
         self.rooms.push((room.clone(), false));
@@ -390,6 +458,9 @@ impl Session {
 
     async fn refuse(&mut self, err: FrameError) {
         debug!(code = %err.code, message = %err.message, "refused");
+        if err.code != ErrorCode::Unavailable {
+            self.refused = true;
+        }
         self.reply(ServerFrame::Error {
             code: err.code,
             message: err.message,
@@ -514,11 +585,13 @@ async fn write_loop(
         CloseReason::TooSlow => close::TRY_AGAIN,
         CloseReason::TooBig => close::TOO_BIG,
         CloseReason::Restart => close::RESTART,
+        CloseReason::Policy => close::POLICY,
         CloseReason::Gone => return,
     };
     let text = match reason {
         CloseReason::TooSlow => "too slow: reconnect with since",
         CloseReason::TooBig => "frame too large",
+        CloseReason::Policy => "too many refused frames",
         _ => "server restarting: reconnect",
     };
     let frame = CloseFrame {

@@ -44,6 +44,28 @@ impl WsClient {
         Ok(WsClient { ws })
     }
 
+    /// Connects with extra handshake headers (e.g. `Origin`); returns the HTTP status
+    /// when the server refuses the upgrade.
+    pub async fn connect_with_headers(
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Result<Self, u16>> {
+        use tokio_tungstenite::tungstenite::{Error, client::IntoClientRequest, http::HeaderValue};
+        let mut request = url.into_client_request()?;
+        for (name, value) in headers {
+            let name =
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())?;
+            request
+                .headers_mut()
+                .insert(name, HeaderValue::from_str(value)?);
+        }
+        match tokio::time::timeout(WAIT, connect_async(request)).await? {
+            Ok((ws, _)) => Ok(Ok(WsClient { ws })),
+            Err(Error::Http(response)) => Ok(Err(response.status().as_u16())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Connects to `/ws?{query}` on `gateway`-style base URL and reads `welcome`.
     /// Returns the client and the instance id.
     pub async fn connect_ws(url: &str) -> anyhow::Result<(Self, String)> {

@@ -72,21 +72,7 @@ impl TestGateway {
 
     /// An HTTP GET's status code (a minimal HTTP/1.1 client, enough for health checks).
     pub async fn get_status(&self, path: &str) -> anyhow::Result<u16> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(self.addr).await?;
-        let req = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.addr
-        );
-        s.write_all(req.as_bytes()).await?;
-        let mut buf = Vec::new();
-        tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await??;
-        let head = String::from_utf8_lossy(&buf);
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .ok_or_else(|| anyhow::anyhow!("no status line in {head:?}"))?;
-        Ok(status.parse()?)
+        http_status(self.addr, path).await
     }
 
     /// Starts a graceful shutdown and waits for it to finish.
@@ -119,4 +105,20 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_test_writer()
         .try_init();
+}
+
+/// GET `path` on `addr` and return the status code.
+pub(crate) async fn http_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await??;
+    let head = String::from_utf8_lossy(&buf);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("no status line in {head:?}"))?;
+    Ok(status.parse()?)
 }

@@ -13,11 +13,13 @@
 
 mod client;
 mod gateway;
+mod process;
 mod redis;
 mod topology;
 
 pub use client::{Joined, WsClient};
 pub use gateway::TestGateway;
+pub use process::GatewayProcess;
 pub use redis::{RedisCluster, RedisServer};
 pub use topology::{SENTINEL_SERVICE, Topology};
 

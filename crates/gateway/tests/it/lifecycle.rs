@@ -10,7 +10,9 @@ use crate::{Env, connect, on_both_buses};
 on_both_buses!(shutdown_closes_every_client_with_1012, health_and_static);
 
 async fn shutdown_closes_every_client_with_1012(env: Env) -> anyhow::Result<()> {
-    let gw = env.gateway(&[("SHUTDOWN_GRACE_SECS", "5")]).await?;
+    let gw = env
+        .gateway(&[("SHUTDOWN_GRACE_SECS", "5"), ("SHUTDOWN_DRAIN_SECS", "0")])
+        .await?;
     let (mut a, _) = connect(&gw, "", "general").await?;
     let (mut b, _) = connect(&gw, "?room=x", "x").await?;
     let mut legacy = WsClient::connect(&gw.ws_url("/websocket")).await?;

@@ -4,7 +4,9 @@
 //! `redis-server` per Redis-backed test (see `chat-testkit`).
 
 mod lifecycle;
+mod limits;
 mod multi;
+mod process;
 mod single;
 
 use chat_testkit::{RedisServer, TestGateway, WsClient};
@@ -64,4 +66,22 @@ macro_rules! on_both_buses {
             }
         )*
     };
+}
+
+/// Polls `check` until it holds, at most [`chat_testkit::WAIT`]: for state that has no
+/// event to await (a readiness probe is polled by its consumers too).
+pub async fn eventually<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + chat_testkit::WAIT;
+    while !check().await {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(())
 }

@@ -2,15 +2,13 @@
 //! load, subscription bookkeeping, repair after lost subscriptions, readiness. Most tests
 //! run on a standalone Redis, a Sentinel-managed primary and a three-node Cluster.
 
-use std::time::Duration;
-
 use anyhow::{bail, ensure};
 use chat_protocol::{ErrorCode, ServerFrame};
-use chat_testkit::{RedisServer, TestGateway, Topology, WAIT, WsClient};
+use chat_testkit::{RedisServer, TestGateway, Topology, WsClient};
 use fred::prelude::*;
 use serde_json::json;
 
-use crate::connect;
+use crate::{connect, eventually};
 
 /// Runs each named `async fn(Topology) -> anyhow::Result<()>` on every Redis topology.
 macro_rules! on_topologies {
@@ -44,9 +42,12 @@ on_topologies!(
     killed_pubsub_connections_are_backfilled_from_history,
 );
 
+/// Two instances; the test clients publish in bursts, so no rate limit.
 async fn two_on(url: &str) -> anyhow::Result<(TestGateway, TestGateway)> {
-    let a = TestGateway::with_redis(url, &[("INSTANCE_ID", "gw-a")]).await?;
-    let b = TestGateway::with_redis(url, &[("INSTANCE_ID", "gw-b")]).await?;
+    let a = TestGateway::with_redis(url, &[("INSTANCE_ID", "gw-a"), ("RATE_LIMIT_PER_SEC", "0")])
+        .await?;
+    let b = TestGateway::with_redis(url, &[("INSTANCE_ID", "gw-b"), ("RATE_LIMIT_PER_SEC", "0")])
+        .await?;
     Ok((a, b))
 }
 
@@ -228,24 +229,6 @@ async fn an_instance_subscribes_only_while_it_has_members(topo: Topology) -> any
     // Rooms nobody joined are never subscribed.
     assert_eq!(numsub(r, "chat:{lobby}").await?, 1);
     assert_eq!(numsub(r, "chat:{general}").await?, 0);
-    Ok(())
-}
-
-/// Polls `check` until it holds, at most [`WAIT`]: for state that has no event to await
-/// (a readiness probe is polled by its consumers too).
-async fn eventually<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check().await {
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     Ok(())
 }
 

@@ -1,0 +1,657 @@
+// The chat page: renders ChatClient's events and turns what the person does into calls on
+// it. User text only ever reaches the page through textContent / attributes, never as HTML.
+
+import { ChatClient, ROOM_RE, checkUsername } from './chat.js';
+
+const NAME_KEY = 'chat.username';
+const ROOMS_KEY = 'chat.rooms';
+const DEFAULT_ROOM = 'general';
+const GROUP_WINDOW_MS = 5 * 60 * 1000;
+const MAX_FRAME_TEXT_BYTES = 60000; // under the server's smallest sane MAX_FRAME_BYTES default (64 KiB)
+
+const $ = (id) => document.getElementById(id);
+const els = {
+  status: $('status'),
+  statusText: $('status-text'),
+  retryNow: $('retry-now'),
+  userButton: $('user-button'),
+  userName: $('user-name'),
+  userAvatar: $('user-avatar'),
+  roomList: $('room-list'),
+  joinForm: $('join-form'),
+  joinInput: $('join-input'),
+  joinHint: $('join-hint'),
+  roomTitle: $('room-title'),
+  leaveButton: $('leave-button'),
+  scroller: $('scroller'),
+  emptyState: $('empty-state'),
+  logs: $('logs'),
+  pendingList: $('pending-list'),
+  jumpButton: $('jump-button'),
+  composer: $('composer'),
+  composerLabel: $('composer-label'),
+  input: $('composer-input'),
+  sendButton: $('send-button'),
+  toasts: $('toasts'),
+  announcer: $('announcer'),
+  nameDialog: $('name-dialog'),
+  nameForm: $('name-form'),
+  nameInput: $('name-input'),
+  nameError: $('name-error'),
+  nameCancel: $('name-cancel'),
+};
+
+const timeFmt = new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2-digit' });
+const fullFmt = new Intl.DateTimeFormat(undefined, { dateStyle: 'full', timeStyle: 'medium' });
+const dayFmt = new Intl.DateTimeFormat(undefined, { weekday: 'long', month: 'long', day: 'numeric' });
+
+// ---- local state --------------------------------------------------------------------------
+
+const storage = safeLocalStorage();
+let username = checkUsername(storage?.getItem(NAME_KEY) ?? '').ok ? storage.getItem(NAME_KEY).trim() : '';
+
+/** Per room: its log element and what the UI needs to know about it. */
+const views = new Map();
+let activeRoom = null;
+
+const hashRoom = roomFromHash();
+const initialRooms = loadRooms();
+if (hashRoom && !initialRooms.includes(hashRoom)) initialRooms.push(hashRoom);
+if (initialRooms.length === 0) initialRooms.push(DEFAULT_ROOM);
+
+const client = new ChatClient({ username, rooms: initialRooms });
+// For the end-to-end test and the curious: the live client, read-only use please.
+window.chat = client;
+
+// ---- rooms ----------------------------------------------------------------------------------
+
+function loadRooms() {
+  try {
+    const list = JSON.parse(storage?.getItem(ROOMS_KEY) || '[]');
+    return Array.isArray(list) ? [...new Set(list.filter((r) => typeof r === 'string' && ROOM_RE.test(r)))] : [];
+  } catch {
+    return [];
+  }
+}
+
+function saveRooms() {
+  try {
+    storage?.setItem(ROOMS_KEY, JSON.stringify(client.roomNames()));
+  } catch {
+    /* ignore */
+  }
+}
+
+function roomFromHash() {
+  const m = /(?:^#|&)room=([^&]*)/.exec(window.location.hash);
+  if (!m) return null;
+  let name;
+  try {
+    name = decodeURIComponent(m[1]);
+  } catch {
+    return null;
+  }
+  return ROOM_RE.test(name) ? name : null;
+}
+
+function viewFor(room) {
+  let view = views.get(room);
+  if (!view) {
+    const log = document.createElement('ol');
+    log.className = 'messages';
+    log.dataset.room = room;
+    // role=log, but announced through #announcer: a history replay must not be read out
+    // message by message.
+    log.setAttribute('role', 'log');
+    log.setAttribute('aria-live', 'off');
+    log.setAttribute('aria-label', `Messages in #${room}`);
+    log.hidden = room !== activeRoom;
+    els.logs.append(log);
+    view = { room, log, unread: 0, lastMsg: null, loaded: false };
+    views.set(room, view);
+  }
+  return view;
+}
+
+function joinRoom(room, { activate = true } = {}) {
+  if (!ROOM_RE.test(room)) return false;
+  if (client.join(room)) {
+    viewFor(room);
+    saveRooms();
+  }
+  if (activate) setActive(room);
+  renderRooms();
+  return true;
+}
+
+function leaveRoom(room) {
+  client.leave(room);
+  const view = views.get(room);
+  view?.log.remove();
+  views.delete(room);
+  saveRooms();
+  if (activeRoom === room) {
+    const next = client.roomNames()[0] ?? null;
+    setActive(next);
+  }
+  renderRooms();
+  announce(`You left #${room}.`);
+}
+
+function setActive(room) {
+  activeRoom = room;
+  for (const view of views.values()) view.log.hidden = view.room !== room;
+  const hash = room ? `#room=${encodeURIComponent(room)}` : '';
+  if (window.location.hash !== hash) {
+    history.replaceState(null, '', `${window.location.pathname}${window.location.search}${hash}`);
+  }
+  if (room) {
+    const view = viewFor(room);
+    view.unread = 0;
+    els.roomTitle.textContent = `#${room}`;
+    els.composerLabel.textContent = `Message #${room}`;
+    els.input.placeholder = `Message #${room}`;
+  } else {
+    els.roomTitle.textContent = 'No room';
+    els.composerLabel.textContent = 'Message';
+    els.input.placeholder = 'Join a room to start chatting';
+  }
+  els.leaveButton.hidden = !room;
+  els.input.disabled = !room;
+  els.sendButton.disabled = !room;
+  renderRooms();
+  renderPending();
+  renderEmptyState();
+  scrollToBottom();
+  updateTitle();
+}
+
+function renderRooms() {
+  const frag = document.createDocumentFragment();
+  for (const room of client.roomNames()) {
+    const view = viewFor(room);
+    const li = document.createElement('li');
+    li.className = 'room-item';
+    li.dataset.room = room;
+    const a = document.createElement('a');
+    a.href = `#room=${encodeURIComponent(room)}`;
+    a.className = 'room-link';
+    if (room === activeRoom) {
+      li.classList.add('active');
+      a.setAttribute('aria-current', 'page');
+    }
+    const hash = document.createElement('span');
+    hash.className = 'room-hash';
+    hash.setAttribute('aria-hidden', 'true');
+    hash.textContent = '#';
+    const name = document.createElement('span');
+    name.className = 'room-name';
+    name.textContent = room;
+    a.append(hash, name);
+    if (view.unread > 0 && room !== activeRoom) {
+      const badge = document.createElement('span');
+      badge.className = 'unread';
+      badge.textContent = view.unread > 99 ? '99+' : String(view.unread);
+      badge.setAttribute('aria-label', `${view.unread} unread`);
+      a.append(badge);
+    }
+    const leave = document.createElement('button');
+    leave.type = 'button';
+    leave.className = 'room-leave';
+    leave.setAttribute('aria-label', `Leave #${room}`);
+    leave.title = `Leave #${room}`;
+    leave.textContent = '×';
+    leave.addEventListener('click', () => leaveRoom(room));
+    li.append(a, leave);
+    frag.append(li);
+  }
+  els.roomList.replaceChildren(frag);
+}
+
+// ---- messages -------------------------------------------------------------------------------
+
+function hueOf(name) {
+  let h = 0;
+  for (const ch of name) h = (h * 31 + ch.codePointAt(0)) % 360;
+  return h;
+}
+
+function avatarInto(el, name) {
+  el.textContent = ([...name.trim()][0] ?? '?').toUpperCase();
+  el.style.setProperty('--hue', String(hueOf(name)));
+}
+
+function sameDay(a, b) {
+  const x = new Date(a);
+  const y = new Date(b);
+  return x.getFullYear() === y.getFullYear() && x.getMonth() === y.getMonth() && x.getDate() === y.getDate();
+}
+
+function dayLabel(ts) {
+  const now = Date.now();
+  if (sameDay(ts, now)) return 'Today';
+  if (sameDay(ts, now - 86400000)) return 'Yesterday';
+  return dayFmt.format(new Date(ts));
+}
+
+function messageElement(m, prev) {
+  const own = m.username === username;
+  const li = document.createElement('li');
+  li.className = 'msg';
+  if (own) li.classList.add('own');
+  li.dataset.id = String(m.id);
+  li.dataset.author = m.username;
+  const grouped = prev && prev.username === m.username && m.ts - prev.ts < GROUP_WINDOW_MS && m.ts >= prev.ts;
+  if (grouped) li.classList.add('cont');
+
+  const avatar = document.createElement('span');
+  avatar.className = 'avatar';
+  avatar.setAttribute('aria-hidden', 'true');
+  avatarInto(avatar, m.username);
+
+  const bubble = document.createElement('div');
+  bubble.className = 'bubble';
+  const meta = document.createElement('div');
+  meta.className = 'meta';
+  const author = document.createElement('span');
+  author.className = 'author';
+  author.textContent = m.username;
+  meta.append(author);
+  if (own) {
+    const you = document.createElement('span');
+    you.className = 'you';
+    you.textContent = '(you)';
+    meta.append(you);
+  }
+  const time = document.createElement('time');
+  const date = new Date(Number(m.ts) || 0);
+  time.dateTime = date.toISOString();
+  time.title = fullFmt.format(date);
+  time.textContent = timeFmt.format(date);
+  meta.append(time);
+
+  const text = document.createElement('p');
+  text.className = 'text';
+  text.textContent = String(m.text ?? '');
+
+  bubble.append(meta, text);
+  li.append(avatar, bubble);
+  return li;
+}
+
+function noticeElement(text) {
+  const li = document.createElement('li');
+  li.className = 'notice';
+  li.setAttribute('role', 'note');
+  li.textContent = text;
+  return li;
+}
+
+function appendMessages(room, messages, replay) {
+  const view = viewFor(room);
+  const stick = room !== activeRoom || isNearBottom() || replay || messages.some((m) => m.username === username);
+  const frag = document.createDocumentFragment();
+  let prev = view.lastMsg;
+  for (const m of messages) {
+    if (!prev || !sameDay(prev.ts, m.ts)) {
+      const day = document.createElement('li');
+      day.className = 'day-divider';
+      const label = document.createElement('span');
+      label.textContent = dayLabel(m.ts);
+      day.append(label);
+      frag.append(day);
+      prev = null;
+    }
+    frag.append(messageElement(m, prev));
+    prev = m;
+  }
+  view.lastMsg = prev;
+  view.log.append(frag);
+  view.loaded = true;
+
+  if (!replay) {
+    const others = messages.filter((m) => m.username !== username);
+    if (room === activeRoom) {
+      for (const m of others) announce(`${m.username}: ${m.text}`);
+    } else if (others.length > 0) {
+      view.unread += others.length;
+      renderRooms();
+      updateTitle();
+    }
+  }
+  if (room === activeRoom) {
+    renderEmptyState();
+    if (stick) scrollToBottom();
+    else els.jumpButton.hidden = false;
+  }
+}
+
+function renderEmptyState() {
+  const view = activeRoom ? views.get(activeRoom) : null;
+  let text = '';
+  if (!activeRoom) text = 'You are not in any room. Join one on the left (or above) to start chatting.';
+  else if (view && view.log.childElementCount === 0 && client.isLive(activeRoom) && client.pendingFor(activeRoom).length === 0) {
+    text = `No messages in #${activeRoom} yet. Say hello!`;
+  }
+  els.emptyState.textContent = text;
+  els.emptyState.hidden = text === '';
+}
+
+function renderPending() {
+  const frag = document.createDocumentFragment();
+  const connected = client.status.state === 'connected';
+  for (const p of activeRoom ? client.pendingFor(activeRoom) : []) {
+    const li = document.createElement('li');
+    li.className = 'msg own pending';
+    li.dataset.ref = p.ref;
+    li.dataset.state = p.state;
+    const avatar = document.createElement('span');
+    avatar.className = 'avatar';
+    avatar.setAttribute('aria-hidden', 'true');
+    avatarInto(avatar, p.username || '?');
+    const bubble = document.createElement('div');
+    bubble.className = 'bubble';
+    const text = document.createElement('p');
+    text.className = 'text';
+    text.textContent = p.text;
+    const status = document.createElement('div');
+    status.className = 'pending-status';
+    status.textContent = pendingLabel(p, connected);
+    bubble.append(text, status);
+    if (p.state === 'failed') {
+      const actions = document.createElement('div');
+      actions.className = 'pending-actions';
+      const retry = document.createElement('button');
+      retry.type = 'button';
+      retry.className = 'link-button';
+      retry.textContent = 'Try again';
+      retry.addEventListener('click', () => client.retry(p.ref));
+      const discard = document.createElement('button');
+      discard.type = 'button';
+      discard.className = 'link-button';
+      discard.textContent = 'Discard';
+      discard.addEventListener('click', () => client.discard(p.ref));
+      actions.append(retry, discard);
+      bubble.append(actions);
+    }
+    li.append(avatar, bubble);
+    frag.append(li);
+  }
+  const stick = isNearBottom();
+  els.pendingList.replaceChildren(frag);
+  if (stick) scrollToBottom();
+}
+
+function pendingLabel(p, connected) {
+  switch (p.state) {
+    case 'queued':
+      return connected ? 'Sending…' : 'Waiting for the connection…';
+    case 'sent':
+      return 'Sending…';
+    case 'retrying':
+      return p.error || 'Retrying…';
+    case 'acked':
+      return 'Sent';
+    case 'failed':
+      return `Not sent. ${p.error || ''}`.trim();
+    default:
+      return '';
+  }
+}
+
+function isNearBottom() {
+  const s = els.scroller;
+  return s.scrollHeight - s.scrollTop - s.clientHeight < 120;
+}
+
+function scrollToBottom() {
+  els.scroller.scrollTop = els.scroller.scrollHeight;
+  els.jumpButton.hidden = true;
+}
+
+// ---- status, toasts, announcements ------------------------------------------------------------
+
+function renderStatus(s) {
+  els.status.dataset.state = s.state;
+  if (s.instance) els.status.dataset.instance = s.instance;
+  else delete els.status.dataset.instance;
+  let text;
+  switch (s.state) {
+    case 'connected':
+      text = `Connected to ${s.instance}`;
+      break;
+    case 'connecting':
+      text = 'Connecting…';
+      break;
+    case 'reconnecting':
+      text = `Reconnecting (attempt ${Math.max(1, s.attempt)})…`;
+      break;
+    default:
+      text = 'Offline';
+  }
+  els.statusText.textContent = text;
+  els.status.title = s.reason || (s.state === 'connected' ? `Connected to instance ${s.instance}` : '');
+  els.retryNow.hidden = !(s.state === 'offline' || (s.state === 'reconnecting' && s.retryAt));
+  renderPending();
+}
+
+const recentToasts = new Map();
+function toast(text, kind = 'error') {
+  const now = Date.now();
+  if (recentToasts.get(text) > now - 4000) return;
+  recentToasts.set(text, now);
+  const item = document.createElement('div');
+  item.className = `toast ${kind}`;
+  const msg = document.createElement('span');
+  msg.textContent = text;
+  const close = document.createElement('button');
+  close.type = 'button';
+  close.className = 'toast-close';
+  close.setAttribute('aria-label', 'Dismiss');
+  close.textContent = '×';
+  close.addEventListener('click', () => item.remove());
+  item.append(msg, close);
+  els.toasts.append(item);
+  setTimeout(() => item.remove(), 7000);
+}
+
+function announce(text) {
+  const line = document.createElement('p');
+  line.textContent = text.length > 300 ? `${text.slice(0, 300)}…` : text;
+  els.announcer.append(line);
+  while (els.announcer.childElementCount > 5) els.announcer.firstElementChild.remove();
+}
+
+function updateTitle() {
+  let unread = 0;
+  for (const v of views.values()) if (v.room !== activeRoom) unread += v.unread;
+  document.title = `${unread > 0 ? `(${unread}) ` : ''}${activeRoom ? `#${activeRoom} · ` : ''}Chat`;
+}
+
+// ---- username ---------------------------------------------------------------------------------
+
+function renderUser() {
+  els.userName.textContent = username || 'Choose a name';
+  avatarInto(els.userAvatar, username || '?');
+}
+
+function openNameDialog(first) {
+  els.nameInput.value = username;
+  els.nameError.textContent = '';
+  els.nameCancel.hidden = first;
+  els.nameDialog.dataset.first = first ? 'true' : 'false';
+  if (!els.nameDialog.open) els.nameDialog.showModal();
+  els.nameInput.focus();
+  els.nameInput.select();
+}
+
+els.nameDialog.addEventListener('cancel', (e) => {
+  if (els.nameDialog.dataset.first === 'true') e.preventDefault(); // a name is needed to chat
+});
+els.nameCancel.addEventListener('click', () => els.nameDialog.close());
+els.nameForm.addEventListener('submit', (e) => {
+  e.preventDefault();
+  const check = checkUsername(els.nameInput.value);
+  if (!check.ok) {
+    els.nameError.textContent = check.reason;
+    els.nameInput.setAttribute('aria-invalid', 'true');
+    els.nameInput.focus();
+    return;
+  }
+  els.nameInput.removeAttribute('aria-invalid');
+  const changed = username !== check.value;
+  username = check.value;
+  try {
+    storage?.setItem(NAME_KEY, username);
+  } catch {
+    /* ignore */
+  }
+  client.setUsername(username);
+  renderUser();
+  els.nameDialog.close();
+  if (changed) refreshOwnership();
+  els.input.focus();
+});
+els.userButton.addEventListener('click', () => openNameDialog(false));
+
+/** After a name change, "own" follows the new name. */
+function refreshOwnership() {
+  for (const li of els.logs.querySelectorAll('li.msg')) {
+    const own = li.dataset.author === username;
+    if (own === li.classList.contains('own')) continue;
+    li.classList.toggle('own', own);
+    const meta = li.querySelector('.meta');
+    meta.querySelector('.you')?.remove();
+    if (own) {
+      const you = document.createElement('span');
+      you.className = 'you';
+      you.textContent = '(you)';
+      meta.querySelector('.author').after(you);
+    }
+  }
+  renderPending();
+}
+
+// ---- composer -----------------------------------------------------------------------------------
+
+function autosize() {
+  els.input.style.height = 'auto';
+  els.input.style.height = `${els.input.scrollHeight}px`;
+}
+
+els.input.addEventListener('input', autosize);
+els.input.addEventListener('keydown', (e) => {
+  if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    els.composer.requestSubmit();
+  }
+});
+els.composer.addEventListener('submit', (e) => {
+  e.preventDefault();
+  if (!activeRoom) return;
+  if (!username) {
+    openNameDialog(true);
+    return;
+  }
+  const text = els.input.value.trim();
+  if (!text) return;
+  if (new TextEncoder().encode(text).length > MAX_FRAME_TEXT_BYTES) {
+    toast('That message is too long. Please shorten it.');
+    return;
+  }
+  client.send(activeRoom, text);
+  els.input.value = '';
+  autosize();
+  els.input.focus();
+  scrollToBottom();
+});
+
+els.joinForm.addEventListener('submit', (e) => {
+  e.preventDefault();
+  const room = els.joinInput.value.trim().replace(/^#/, '');
+  if (!room) return;
+  if (!ROOM_RE.test(room)) {
+    els.joinHint.textContent = 'Room names use 1–64 letters, digits, "-" or "_".';
+    els.joinInput.setAttribute('aria-invalid', 'true');
+    return;
+  }
+  els.joinHint.textContent = '';
+  els.joinInput.removeAttribute('aria-invalid');
+  els.joinInput.value = '';
+  joinRoom(room);
+  els.input.focus();
+});
+els.joinInput.addEventListener('input', () => {
+  els.joinHint.textContent = '';
+  els.joinInput.removeAttribute('aria-invalid');
+});
+
+els.leaveButton.addEventListener('click', () => {
+  if (activeRoom) leaveRoom(activeRoom);
+});
+els.retryNow.addEventListener('click', () => client.retryNow());
+els.jumpButton.addEventListener('click', scrollToBottom);
+els.scroller.addEventListener('scroll', () => {
+  if (isNearBottom()) els.jumpButton.hidden = true;
+});
+
+window.addEventListener('hashchange', () => {
+  const room = roomFromHash();
+  if (room) joinRoom(room);
+  else if (window.location.hash.includes('room=')) toast('That link names an invalid room.');
+});
+
+// ---- client events ------------------------------------------------------------------------------
+
+client.addEventListener('status', (e) => renderStatus(e.detail));
+client.addEventListener('messages', (e) => appendMessages(e.detail.room, e.detail.messages, e.detail.replay));
+client.addEventListener('reset', (e) => {
+  const view = viewFor(e.detail.room);
+  view.log.replaceChildren(noticeElement('This room was reset on the server; showing its messages from the start.'));
+  view.lastMsg = null;
+});
+client.addEventListener('joined', (e) => {
+  const { room, recovered, resumed } = e.detail;
+  const view = viewFor(room);
+  if (!recovered && resumed) {
+    const text = 'Some earlier messages are no longer available: you were away longer than this room keeps history.';
+    view.log.append(noticeElement(text));
+    view.lastMsg = null;
+    if (room === activeRoom) announce(text);
+  }
+  view.loaded = true;
+  if (room === activeRoom) renderEmptyState();
+  client.pendingFor(room).length && renderPending();
+});
+client.addEventListener('roomerror', (e) => {
+  const { room, text } = e.detail;
+  toast(`Could not join #${room}. ${text}`);
+  views.get(room)?.log.remove();
+  views.delete(room);
+  saveRooms();
+  if (activeRoom === room) setActive(client.roomNames()[0] ?? null);
+  renderRooms();
+});
+client.addEventListener('outbox', () => {
+  renderPending();
+  renderEmptyState();
+});
+client.addEventListener('problem', (e) => toast(e.detail.text));
+
+// ---- start ----------------------------------------------------------------------------------------
+
+function safeLocalStorage() {
+  try {
+    return window.localStorage;
+  } catch {
+    return null;
+  }
+}
+
+for (const room of client.roomNames()) viewFor(room);
+saveRooms();
+renderUser();
+setActive(hashRoom ?? client.roomNames()[0] ?? null);
+client.start();
+if (!username) openNameDialog(true);
+else els.input.focus();

@@ -1,0 +1,656 @@
+// Protocol v1 client for chat-gateway (see docs/protocol.md): one WebSocket, any number of
+// rooms, resume with `since` after every reconnect, de-duplication by id, and an outbox of
+// messages that stay pending until acknowledged. No DOM here: app.js renders the events.
+//
+// Events (CustomEvent, payload in `detail`):
+//   status    {state: 'connecting'|'connected'|'reconnecting'|'offline', instance, attempt, retryAt, reason}
+//   messages  {room, messages, replay}   new messages of a room, in id order, never twice
+//   reset     {room}                     the room's ids restarted on the server: forget what was shown
+//   joined    {room, recovered, resumed} the room is live (after its history replay)
+//   roomerror {room, code, text}         the room could not be joined and was dropped
+//   outbox    {}                         a pending message changed state, appeared or went away
+//   problem   {code, text}               a server error not tied to a message, in words
+
+export const ROOM_RE = /^[A-Za-z0-9_-]{1,64}$/;
+const CONTROL_RE = /[\u0000-\u001f\u007f-\u009f]/;
+
+/** The protocol's username rule: 1–32 characters after trimming, no control characters. */
+export function checkUsername(raw) {
+  const value = String(raw ?? '').trim();
+  const length = [...value].length;
+  if (length === 0) return { ok: false, value, reason: 'Please enter a name.' };
+  if (length > 32) return { ok: false, value, reason: 'Names are at most 32 characters.' };
+  if (CONTROL_RE.test(value)) return { ok: false, value, reason: 'Names cannot contain control characters.' };
+  return { ok: true, value };
+}
+
+/** Server error codes in words a person can act on. */
+export function describeError(code, message) {
+  switch (code) {
+    case 'rate_limited':
+      return 'You are sending too fast. Your message will be retried in a moment.';
+    case 'too_large':
+      return 'That message is too long for the server. Shorten it and try again.';
+    case 'invalid_room':
+      return 'That room name is not valid: use 1–64 letters, digits, "-" or "_".';
+    case 'invalid_username':
+      return 'The server refused your name: use 1–32 characters without control characters.';
+    case 'not_joined':
+      return 'You are not in that room (yet); rejoining.';
+    case 'unavailable':
+      return 'The chat service is temporarily unavailable. Retrying…';
+    case 'unauthorized':
+      return 'You need to sign in to do that.';
+    case 'forbidden':
+      return 'You are not allowed to do that.';
+    case 'bad_request':
+      return `The server did not understand a request${message ? `: ${message}` : '.'}`;
+    default:
+      return message || `The server answered with an error (${code}).`;
+  }
+}
+
+const BACKOFF_BASE_MS = 1000;
+const BACKOFF_CAP_MS = 30000;
+const CONNECT_TIMEOUT_MS = 10000;
+const OUTBOX_KEY = 'chat.outbox';
+
+/**
+ * Exponential backoff with "equal jitter": attempt 1 waits 0.5–1 s, attempt 2 1–2 s, …,
+ * capped at 15–30 s, so a fleet of clients dropped by one instance does not come back in
+ * lock-step.
+ */
+export function backoffDelay(attempt, random = Math.random) {
+  const ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** Math.max(0, attempt - 1));
+  return Math.round(ceiling / 2 + random() * (ceiling / 2));
+}
+
+/** `ws(s)://…/ws` next to the page: wss when the page is on https, and it works under a path prefix. */
+export function defaultUrl(loc = window.location) {
+  const url = new URL('ws', loc.href);
+  url.protocol = loc.protocol === 'https:' ? 'wss:' : 'ws:';
+  url.search = '';
+  url.hash = '';
+  return url.toString();
+}
+
+export class ChatClient extends EventTarget {
+  /**
+   * @param {{url?: string, username?: string, rooms?: string[], storage?: Storage}} options
+   * `storage` (sessionStorage by default) keeps the outbox across a reload of this tab; it is
+   * per tab on purpose, so two tabs never both re-send the same pending message.
+   */
+  constructor({ url = defaultUrl(), username = '', rooms = [], storage = safeSessionStorage() } = {}) {
+    super();
+    this.url = url;
+    this.username = username;
+    this.storage = storage;
+    /** @type {Map<string, {name: string, lastId: number, state: 'idle'|'joining'|'joined', buffer: object[], retryTimer: any}>} */
+    this.rooms = new Map();
+    for (const name of rooms) if (ROOM_RE.test(name)) this.rooms.set(name, newRoom(name));
+    /** Pending messages, oldest first. */
+    this.outbox = loadOutbox(storage).filter((p) => this.rooms.has(p.room));
+    this.ws = null;
+    this.connSeq = 0;
+    this.attempt = 0;
+    this.welcomed = false;
+    this.instance = null;
+    this.stopped = true;
+    this.reconnectTimer = null;
+    this.connectTimer = null;
+    this.autoJoin = null;
+    this.refSeq = 0;
+    this.refPrefix = `c${Math.random().toString(36).slice(2, 8)}`;
+    this.status = { state: 'offline', instance: null, attempt: 0, retryAt: null, reason: '' };
+    this.onOnline = () => this.retryNow();
+    this.onOffline = () => {
+      if (!this.ws) this.setStatus({ state: 'offline', instance: null, attempt: this.attempt, retryAt: null, reason: 'Your device is offline.' });
+    };
+  }
+
+  // ---- public API ----------------------------------------------------------------------
+
+  start() {
+    if (!this.stopped) return;
+    this.stopped = false;
+    if (typeof window !== 'undefined') {
+      window.addEventListener('online', this.onOnline);
+      window.addEventListener('offline', this.onOffline);
+    }
+    this.connect();
+  }
+
+  stop() {
+    this.stopped = true;
+    clearTimeout(this.reconnectTimer);
+    if (this.ws) this.ws.close(1000, 'bye');
+    if (typeof window !== 'undefined') {
+      window.removeEventListener('online', this.onOnline);
+      window.removeEventListener('offline', this.onOffline);
+    }
+  }
+
+  /** Connect now instead of waiting for the backoff timer (also after a policy close). */
+  retryNow() {
+    if (this.stopped || this.ws) return;
+    clearTimeout(this.reconnectTimer);
+    this.connect();
+  }
+
+  setUsername(name) {
+    this.username = name;
+  }
+
+  roomNames() {
+    return [...this.rooms.keys()];
+  }
+
+  isLive(room) {
+    return this.rooms.get(room)?.state === 'joined';
+  }
+
+  join(name) {
+    if (!ROOM_RE.test(name) || this.rooms.has(name)) return false;
+    const room = newRoom(name);
+    this.rooms.set(name, room);
+    if (this.welcomed) this.sendJoin(room);
+    return true;
+  }
+
+  leave(name) {
+    const room = this.rooms.get(name);
+    if (!room) return;
+    clearTimeout(room.retryTimer);
+    this.rooms.delete(name);
+    // A room still joining is left when its `joined` arrives (a `leave` before that would be
+    // refused with not_joined).
+    if (room.state === 'joined') this.sendFrame({ type: 'leave', room: name, ref: `l:${name}` });
+    const before = this.outbox.length;
+    this.outbox = this.outbox.filter((p) => p.room !== name);
+    if (this.outbox.length !== before) this.outboxChanged();
+  }
+
+  /** Queue a message; it is sent as soon as the room is live and stays pending until acked. */
+  send(roomName, text) {
+    const room = this.rooms.get(roomName);
+    if (!room || !text) return null;
+    const pending = {
+      ref: `${this.refPrefix}-${++this.refSeq}`,
+      room: roomName,
+      text,
+      username: this.username,
+      createdAt: Date.now(),
+      // Last id of the room seen when this message was first put on a wire: only a later
+      // message can be its stored copy.
+      baseline: null,
+      attempts: 0,
+      state: 'queued', // queued | sent | retrying | acked | failed
+      id: null,
+      error: null,
+      conn: null,
+    };
+    this.outbox.push(pending);
+    this.outboxChanged();
+    this.flush(roomName);
+    return pending.ref;
+  }
+
+  /** Send a failed message again. */
+  retry(ref) {
+    const p = this.outbox.find((x) => x.ref === ref);
+    if (!p || p.state !== 'failed') return;
+    p.state = 'queued';
+    p.error = null;
+    this.outboxChanged();
+    this.flush(p.room);
+  }
+
+  discard(ref) {
+    const before = this.outbox.length;
+    this.outbox = this.outbox.filter((p) => p.ref !== ref || p.state === 'sent');
+    if (this.outbox.length !== before) this.outboxChanged();
+  }
+
+  pendingFor(room) {
+    return this.outbox.filter((p) => p.room === room);
+  }
+
+  // ---- connection ----------------------------------------------------------------------
+
+  connect() {
+    clearTimeout(this.reconnectTimer);
+    this.reconnectTimer = null;
+    const url = new URL(this.url);
+    const first = this.rooms.values().next().value;
+    // The first room rides on the connect query (the automatic join); the others are joined
+    // with `join` frames after `welcome`.
+    if (first) {
+      url.searchParams.set('room', first.name);
+      if (first.lastId > 0) url.searchParams.set('since', String(first.lastId));
+    }
+    if (checkUsername(this.username).ok) url.searchParams.set('username', this.username.trim());
+    this.setStatus({
+      state: this.attempt > 0 ? 'reconnecting' : 'connecting',
+      instance: null,
+      attempt: this.attempt,
+      retryAt: null,
+      reason: '',
+    });
+
+    let ws;
+    try {
+      ws = new WebSocket(url.toString());
+    } catch (e) {
+      this.scheduleReconnect(String(e));
+      return;
+    }
+    const seq = ++this.connSeq;
+    this.ws = ws;
+    this.welcomed = false;
+    for (const room of this.rooms.values()) {
+      room.state = 'idle';
+      room.buffer = [];
+      clearTimeout(room.retryTimer);
+    }
+    if (first) first.state = 'joining';
+    this.autoJoin = first ?? null;
+
+    clearTimeout(this.connectTimer);
+    this.connectTimer = setTimeout(() => {
+      if (this.ws === ws && !this.welcomed) ws.close(4000, 'connect timeout');
+    }, CONNECT_TIMEOUT_MS);
+
+    ws.onmessage = (ev) => {
+      if (this.ws !== ws) return;
+      let frame;
+      try {
+        frame = JSON.parse(ev.data);
+      } catch {
+        return;
+      }
+      if (frame && typeof frame === 'object') this.onFrame(frame, seq);
+    };
+    ws.onclose = (ev) => {
+      if (this.ws !== ws) return;
+      this.onClose(ev, seq);
+    };
+    // An `error` event is always followed by `close`, which does the work.
+    ws.onerror = () => {};
+  }
+
+  onClose(ev, seq) {
+    clearTimeout(this.connectTimer);
+    this.ws = null;
+    this.welcomed = false;
+    this.instance = null;
+    for (const room of this.rooms.values()) {
+      room.state = 'idle';
+      room.buffer = [];
+      clearTimeout(room.retryTimer);
+    }
+    let changed = false;
+    for (const p of this.outbox) {
+      if (p.state === 'sent' || p.state === 'retrying') {
+        clearTimeout(p.retryTimer);
+        if (ev.code === 1009 && p.conn === seq) {
+          // The server closed us for a frame over MAX_FRAME_BYTES: sending it again would
+          // only repeat that.
+          p.state = 'failed';
+          p.error = 'That message is too large for the server.';
+        } else {
+          // Fate unknown (it may have been stored before the drop): after the reconnect the
+          // room's replay decides whether it still needs sending. See matchOutbox().
+          p.state = 'queued';
+        }
+        changed = true;
+      }
+    }
+    if (changed) this.outboxChanged();
+    if (this.stopped) {
+      this.setStatus({ state: 'offline', instance: null, attempt: 0, retryAt: null, reason: '' });
+      return;
+    }
+    if (ev.code === 1008) {
+      // Policy (bad origin, auth): retrying blindly would fail the same way.
+      this.setStatus({
+        state: 'offline',
+        instance: null,
+        attempt: this.attempt,
+        retryAt: null,
+        reason: `The server refused the connection${ev.reason ? `: ${ev.reason}` : ''}.`,
+      });
+      return;
+    }
+    if (typeof navigator !== 'undefined' && navigator.onLine === false) {
+      this.setStatus({ state: 'offline', instance: null, attempt: this.attempt, retryAt: null, reason: 'Your device is offline.' });
+      return;
+    }
+    this.scheduleReconnect(closeReason(ev));
+  }
+
+  scheduleReconnect(reason) {
+    this.attempt += 1;
+    const delay = backoffDelay(this.attempt);
+    this.setStatus({ state: 'reconnecting', instance: null, attempt: this.attempt, retryAt: Date.now() + delay, reason });
+    clearTimeout(this.reconnectTimer);
+    this.reconnectTimer = setTimeout(() => this.connect(), delay);
+  }
+
+  sendFrame(frame) {
+    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
+    this.ws.send(JSON.stringify(frame));
+    return true;
+  }
+
+  sendJoin(room) {
+    room.state = 'joining';
+    room.buffer = [];
+    const frame = { type: 'join', room: room.name, ref: `j:${room.name}` };
+    if (room.lastId > 0) frame.since = room.lastId;
+    this.sendFrame(frame);
+  }
+
+  setStatus(status) {
+    this.status = status;
+    this.emit('status', status);
+  }
+
+  emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  // ---- incoming frames -----------------------------------------------------------------
+
+  onFrame(f, seq) {
+    switch (f.type) {
+      case 'welcome':
+        this.welcomed = true;
+        this.instance = String(f.instance ?? '');
+        clearTimeout(this.connectTimer);
+        this.setStatus({ state: 'connected', instance: this.instance, attempt: 0, retryAt: null, reason: '' });
+        for (const room of this.rooms.values()) if (room.state === 'idle') this.sendJoin(room);
+        break;
+      case 'message':
+        this.onMessage(f);
+        break;
+      case 'joined':
+        this.onJoined(f);
+        break;
+      case 'left':
+        break;
+      case 'ack':
+        this.onAck(f);
+        break;
+      case 'error':
+        this.onError(f, seq);
+        break;
+      default:
+        break;
+    }
+  }
+
+  onMessage(m) {
+    if (typeof m.id !== 'number' || typeof m.room !== 'string') return;
+    const room = this.rooms.get(m.room);
+    if (!room) return; // not ours (e.g. left, or the server's default room after leaving all)
+    if (room.state === 'joining') room.buffer.push(m);
+    else this.deliver(room, [m], false);
+  }
+
+  onJoined(f) {
+    const room = this.rooms.get(f.room);
+    if (!room) {
+      // Joined automatically or left while joining: we do not want it.
+      this.sendFrame({ type: 'leave', room: f.room, ref: `l:${f.room}` });
+      return;
+    }
+    // The connection's first successful join: the link is healthy, restart the backoff.
+    this.attempt = 0;
+    const resumed = room.lastId > 0;
+    const lastId = Number(f.last_id) || 0;
+    if (f.recovered === false && lastId < room.lastId) {
+      // The room's ids were reset on the server: what we showed is from another life.
+      room.lastId = 0;
+      this.emit('reset', { room: room.name });
+    }
+    const replay = room.buffer;
+    room.buffer = [];
+    room.state = 'joined';
+    this.deliver(room, replay, true);
+    room.lastId = Math.max(room.lastId, lastId);
+    this.emit('joined', { room: room.name, recovered: f.recovered !== false, resumed });
+    this.flush(room.name);
+  }
+
+  onAck(f) {
+    const p = this.outbox.find((x) => x.ref === f.ref);
+    if (!p) return; // already matched with its stored copy
+    clearTimeout(p.retryTimer);
+    const room = this.rooms.get(p.room);
+    if (room && room.lastId >= f.id) {
+      this.removePending(p);
+    } else {
+      // Acked: it is stored and will never be sent again. It stays visible (as sent) until
+      // its `message` frame arrives, which may come just after the ack.
+      p.state = 'acked';
+      p.id = f.id;
+      this.outboxChanged();
+    }
+  }
+
+  onError(f, seq) {
+    const code = String(f.code ?? 'error');
+    const text = describeError(code, f.message);
+    const ref = typeof f.ref === 'string' ? f.ref : null;
+    const pending = ref && this.outbox.find((x) => x.ref === ref);
+    if (pending) {
+      this.onSendError(pending, code, text, seq);
+      return;
+    }
+    if (ref && ref.startsWith('l:')) return; // a leave that raced with a drop: nothing to do
+    if (!ref && this.autoJoin && this.autoJoin.state === 'joining' && (code === 'unavailable' || code === 'invalid_room')) {
+      // The connection's automatic join (the `room` query parameter) failed: such an error
+      // carries no ref. Handle it as the failure of that room's join.
+      this.onError({ ...f, ref: `j:${this.autoJoin.name}` }, seq);
+      return;
+    }
+    if (ref && ref.startsWith('j:')) {
+      const room = this.rooms.get(ref.slice(2));
+      if (!room) return;
+      if (code === 'unavailable' || code === 'rate_limited') {
+        room.state = 'idle';
+        clearTimeout(room.retryTimer);
+        room.retryTimer = setTimeout(() => {
+          if (this.welcomed && this.rooms.get(room.name) === room && room.state === 'idle') this.sendJoin(room);
+        }, backoffDelay(2));
+        this.emit('problem', { code, text: `Could not join #${room.name} right now; retrying.` });
+      } else if (code === 'bad_request' && room.state === 'joining') {
+        // "already joined": harmless, the replay is on its way.
+      } else {
+        this.rooms.delete(room.name);
+        this.emit('roomerror', { room: room.name, code, text });
+      }
+      return;
+    }
+    this.emit('problem', { code, text });
+  }
+
+  onSendError(p, code, text, seq) {
+    clearTimeout(p.retryTimer);
+    if (code === 'unavailable' || code === 'rate_limited') {
+      // Not stored (the server says so); try again later on this connection. Until then the
+      // live stream can still reveal a stored copy (see matchOutbox) and settle it.
+      p.state = 'retrying';
+      p.error = text;
+      p.retries = (p.retries || 0) + 1;
+      p.retryTimer = setTimeout(() => {
+        if (p.state === 'retrying' && this.outbox.includes(p)) {
+          p.state = 'queued';
+          this.flush(p.room);
+        }
+      }, backoffDelay(Math.min(p.retries + 1, 5)));
+      this.outboxChanged();
+      this.emit('problem', { code, text });
+    } else if (code === 'not_joined') {
+      p.state = 'queued';
+      const room = this.rooms.get(p.room);
+      if (room && room.state === 'joined' && this.connSeq === seq) this.sendJoin(room);
+      this.outboxChanged();
+    } else {
+      p.state = 'failed';
+      p.error = text;
+      this.outboxChanged();
+      this.emit('problem', { code, text });
+    }
+  }
+
+  // ---- delivery, de-duplication, outbox ------------------------------------------------
+
+  /** Hand messages to the UI in id order, each id once; settle pending messages they prove stored. */
+  deliver(room, messages, replay) {
+    if (messages.length === 0) return;
+    const sorted = [...messages].sort((a, b) => a.id - b.id);
+    const fresh = [];
+    for (const m of sorted) {
+      if (m.id <= room.lastId) continue; // seen already (resume overlap, duplicate)
+      room.lastId = m.id;
+      fresh.push(m);
+    }
+    if (fresh.length === 0) return;
+    this.matchOutbox(room, fresh);
+    this.emit('messages', { room: room.name, messages: fresh, replay });
+  }
+
+  /**
+   * The server does not (yet) de-duplicate re-sent messages, and the wire format has no
+   * client-chosen id, so a message whose connection dropped before its `ack` may or may not
+   * have been stored. We never re-send it blindly: after the reconnect, the room is resumed
+   * with `since`, and a replayed (or live) message of the same room, same username and same
+   * text with an id above the last id we had seen when we first sent ours is taken as our
+   * stored copy; only a message not found that way is sent again (in flush(), which runs
+   * after the room's `joined`). Acked messages are settled by id. The heuristic errs on the
+   * side of "delivered" if the same name posts the same text from elsewhere at that moment.
+   */
+  matchOutbox(room, fresh) {
+    let changed = false;
+    for (const m of fresh) {
+      const byId = this.outbox.find((p) => p.state === 'acked' && p.id === m.id && p.room === room.name);
+      if (byId) {
+        this.removePending(byId, false);
+        changed = true;
+        continue;
+      }
+      const byContent = this.outbox.find(
+        (p) =>
+          p.room === room.name &&
+          p.attempts > 0 &&
+          p.state !== 'acked' &&
+          p.state !== 'failed' &&
+          p.baseline !== null &&
+          m.id > p.baseline &&
+          p.username.trim() === m.username &&
+          p.text === m.text,
+      );
+      if (byContent) {
+        this.removePending(byContent, false);
+        changed = true;
+      }
+    }
+    // Acked ones whose message we already have (e.g. replay covered them).
+    for (const p of [...this.outbox]) {
+      if (p.state === 'acked' && p.room === room.name && p.id <= room.lastId) {
+        this.removePending(p, false);
+        changed = true;
+      }
+    }
+    if (changed) this.outboxChanged();
+  }
+
+  removePending(p, notify = true) {
+    clearTimeout(p.retryTimer);
+    this.outbox = this.outbox.filter((x) => x !== p);
+    if (notify) this.outboxChanged();
+  }
+
+  /** Put queued messages of a live room on the wire, oldest first. */
+  flush(roomName) {
+    const room = this.rooms.get(roomName);
+    if (!room || room.state !== 'joined' || !this.ws || this.ws.readyState !== WebSocket.OPEN) return;
+    let changed = false;
+    for (const p of this.outbox) {
+      if (p.room !== roomName || p.state !== 'queued') continue;
+      if (p.baseline === null) p.baseline = room.lastId;
+      const frame = { type: 'send', room: p.room, text: p.text, ref: p.ref };
+      if (checkUsername(p.username).ok) frame.username = p.username.trim();
+      if (!this.sendFrame(frame)) break;
+      p.state = 'sent';
+      p.attempts += 1;
+      p.conn = this.connSeq;
+      changed = true;
+    }
+    if (changed) this.outboxChanged();
+  }
+
+  outboxChanged() {
+    saveOutbox(this.storage, this.outbox);
+    this.emit('outbox', {});
+  }
+}
+
+function newRoom(name) {
+  return { name, lastId: 0, state: 'idle', buffer: [], retryTimer: null };
+}
+
+function closeReason(ev) {
+  switch (ev.code) {
+    case 1012:
+      return 'The server is restarting.';
+    case 1013:
+      return 'The connection fell behind and was reset.';
+    case 1011:
+      return 'The server had an internal error.';
+    case 1009:
+      return 'A message was too large for the server.';
+    case 4000:
+      return 'The server did not answer in time.';
+    default:
+      return 'The connection was lost.';
+  }
+}
+
+function safeSessionStorage() {
+  try {
+    return window.sessionStorage;
+  } catch {
+    return null;
+  }
+}
+
+function loadOutbox(storage) {
+  if (!storage) return [];
+  try {
+    const items = JSON.parse(storage.getItem(OUTBOX_KEY) || '[]');
+    if (!Array.isArray(items)) return [];
+    return items
+      .filter((p) => p && typeof p.ref === 'string' && typeof p.room === 'string' && typeof p.text === 'string')
+      .map((p) => ({
+        ...p,
+        // Whatever was on the wire when the page went away is of unknown fate: queued, and
+        // matched against the replay before any re-send.
+        state: p.state === 'failed' || p.state === 'acked' ? p.state : 'queued',
+        retryTimer: null,
+      }));
+  } catch {
+    return [];
+  }
+}
+
+function saveOutbox(storage, outbox) {
+  if (!storage) return;
+  try {
+    const plain = outbox.map(({ retryTimer, ...rest }) => rest);
+    storage.setItem(OUTBOX_KEY, JSON.stringify(plain));
+  } catch {
+    /* storage full or disabled: the outbox still lives in memory */
+  }
+}
