@@ -34,7 +34,7 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::{
-    bus::{Bus, BusError, Msg},
+    bus::{Bus, BusError, Epoch, Msg},
     outbox::{CloseReason, LivePush, Outbox},
 };
 
@@ -59,6 +59,8 @@ struct Member {
     joining: Option<Buffer>,
     /// The last id this member was given (live members only).
     last: u64,
+    /// The room epoch this member's ids belong to (`None`: the room had no messages).
+    epoch: Option<Epoch>,
 }
 
 /// Messages held back while a join's replay or a room's repair is in progress.
@@ -66,6 +68,8 @@ struct Member {
 struct Buffer {
     msgs: Vec<Msg>,
     overflowed: bool,
+    /// A new epoch began meanwhile (its ids restart at 1).
+    reset: Option<Epoch>,
 }
 
 impl Buffer {
@@ -193,6 +197,7 @@ impl Hub {
                     outbox,
                     joining: Some(Buffer::default()),
                     last: 0,
+                    epoch: None,
                 },
             );
             entry
@@ -214,6 +219,7 @@ impl Hub {
         room: &RoomName,
         conn: ConnId,
         after: u64,
+        epoch: Option<Epoch>,
         joined: impl FnOnce(u64) -> Option<Utf8Bytes>,
     ) -> GoLive {
         let Some(entry) = self.room(room.as_str()) else {
@@ -227,6 +233,12 @@ impl Hub {
         let Some(buffer) = member.joining.as_mut() else {
             return GoLive::Gone;
         };
+        if buffer.reset.is_some() && buffer.reset != epoch {
+            // The room was reset after the history this member replayed: what it was shown
+            // is from a dead epoch. It resumes and is told `recovered:false`.
+            member.outbox.close(CloseReason::TooSlow);
+            return GoLive::Gone;
+        }
         if buffer.overflowed {
             *buffer = Buffer::default();
             return GoLive::Retry;
@@ -254,6 +266,7 @@ impl Hub {
         }
         member.joining = None;
         member.last = last_id;
+        member.epoch = epoch;
         if hole {
             let cap = self.buffer_cap;
             let pending = repair.get_or_insert_with(Buffer::default);
@@ -340,6 +353,33 @@ impl Hub {
                 self.request_repair(&entry.name);
             }
             None => {}
+        }
+    }
+
+    /// A new epoch began in `room` (its ids restart at 1): members that hold ids of an
+    /// older epoch are closed with 1013 and resume with `since` and their epoch, and are
+    /// told `recovered:false`. Members of an empty room simply adopt the epoch.
+    pub fn reset(&self, room: &str, epoch: Epoch) {
+        let Some(entry) = self.room(room) else {
+            return;
+        };
+        let mut st = entry.state();
+        let mut closed = 0usize;
+        for member in st.members.values_mut() {
+            if let Some(buffer) = member.joining.as_mut() {
+                buffer.reset = Some(epoch.clone());
+            } else if member.epoch.is_none() && member.last == 0 {
+                member.epoch = Some(epoch.clone());
+            } else if member.epoch.as_ref() != Some(&epoch) {
+                member.outbox.close(CloseReason::TooSlow);
+                closed += 1;
+            }
+        }
+        // A repair in progress was for the old epoch.
+        st.repair = None;
+        drop(st);
+        if closed > 0 {
+            warn!(%room, %epoch, closed, "room reset (new epoch): members must resume");
         }
     }
 
@@ -512,7 +552,7 @@ mod tests {
         let hub = Arc::new(Hub::new(16));
         let outbox = Arc::new(Outbox::new(100, 1 << 20));
         hub.join(&room, 1, outbox.clone(), &bus).await.unwrap();
-        assert_eq!(hub.go_live(&room, 1, 1, |_| None), GoLive::Live(1));
+        assert_eq!(hub.go_live(&room, 1, 1, None, |_| None), GoLive::Live(1));
         hub.dispatch("r", msgs[1].clone()); // 2
         hub.dispatch("r", msgs[1].clone()); // 2 again: dropped
         hub.dispatch("r", msgs[4].clone()); // 5: 3 and 4 were lost
@@ -537,7 +577,7 @@ mod tests {
         let hub = Arc::new(Hub::new(16));
         let outbox = Arc::new(Outbox::new(100, 1 << 20));
         hub.join(&room, 1, outbox.clone(), &bus).await.unwrap();
-        hub.go_live(&room, 1, 2, |_| None);
+        hub.go_live(&room, 1, 2, None, |_| None);
         hub.repair_all();
         hub.repair(&room, &bus).await.unwrap();
         assert_eq!(outbox.closing(), Some(CloseReason::TooSlow));
@@ -551,7 +591,7 @@ mod tests {
         hub.join(&room, 1, outbox.clone(), &bus).await.unwrap();
         hub.dispatch("r", msgs[2].clone()); // 3
         hub.dispatch("r", msgs[4].clone()); // 5 (4 lost)
-        assert_eq!(hub.go_live(&room, 1, 2, |_| None), GoLive::Live(3));
+        assert_eq!(hub.go_live(&room, 1, 2, None, |_| None), GoLive::Live(3));
         assert_eq!(drain(&outbox).await, vec![3]);
         hub.repair(&room, &bus).await.unwrap();
         assert_eq!(drain(&outbox).await, vec![4, 5]);

@@ -25,7 +25,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::{
     app::AppState,
-    bus::{Bus, History, Msg},
+    bus::{Bus, Epoch, History, Msg},
     hub::{ConnId, GoLive},
     limits::RateLimit,
     outbox::{CloseReason, Outbox},
@@ -46,6 +46,8 @@ pub struct ConnectParams {
     pub since: Option<String>,
     /// `username`
     pub username: Option<String>,
+    /// `epoch` (of `since`)
+    pub epoch: Option<String>,
 }
 
 impl ConnectParams {
@@ -55,6 +57,7 @@ impl ConnectParams {
             room: q.remove("room"),
             since: q.remove("since"),
             username: q.remove("username"),
+            epoch: q.remove("epoch"),
         }
     }
 }
@@ -234,7 +237,7 @@ impl Session {
             }),
         };
         match (room, since) {
-            (Ok(room), Ok(since)) => self.join(room, since, None).await,
+            (Ok(room), Ok(since)) => self.join(room, since, params.epoch, None).await,
             (Err(e), _) | (_, Err(e)) => self.refuse(e).await,
         }
     }
@@ -292,8 +295,9 @@ impl Session {
             Ok(ClientFrame::Join {
                 room,
                 since,
+                epoch,
                 reference,
-            }) => self.join(room, since, reference).await,
+            }) => self.join(room, since, epoch, reference).await,
             Ok(ClientFrame::Leave { room, reference }) => self.leave(room, reference).await,
             Ok(ClientFrame::Send {
                 room,
@@ -305,7 +309,13 @@ impl Session {
         }
     }
 
-    async fn join(&mut self, room: RoomName, since: Option<u64>, reference: Option<String>) {
+    async fn join(
+        &mut self,
+        room: RoomName,
+        since: Option<u64>,
+        epoch: Option<String>,
+        reference: Option<String>,
+    ) {
         if self.rooms.iter().any(|(r, _)| *r == room) {
             let err = FrameError::new(ErrorCode::BadRequest, format!("already joined {room}"));
             return self.refuse(err.with_ref(reference)).await;
@@ -332,14 +342,23 @@ impl Session {
         let mut recovered = true;
         let mut first_pass = true;
         loop {
-            let history = match state.bus.history(&room, since).await {
+            let mut history = state.bus.history(&room, since).await;
+            if let Ok(h) = &history
+                && since.is_some()
+                && epoch.is_some()
+                && h.epoch.as_deref() != epoch.as_deref()
+            {
+                // `since` is from another epoch: the whole history, not a tail, is due.
+                history = state.bus.history(&room, None).await;
+            }
+            let history = match history {
                 Ok(h) => h,
                 Err(err) => {
                     warn!(%room, error = %err, "history read failed");
                     return self.abort_join(&room, err.to_string(), reference).await;
                 }
             };
-            let plan = ReplayPlan::new(since, history);
+            let plan = ReplayPlan::new(since, epoch.as_deref(), history);
             if !first_pass && !plan.recovered {
                 // The room moved faster than this client read its replay, beyond history.
                 self.outbox.close(CloseReason::TooSlow);
@@ -352,17 +371,22 @@ impl Session {
                 }
             }
             let legacy = self.legacy;
+            let room_epoch = plan.epoch.clone();
             let joined = |last_id| {
                 (!legacy).then(|| {
                     let frame = ServerFrame::Joined {
                         room: room.to_string(),
                         last_id,
                         recovered,
+                        epoch: room_epoch.as_deref().map(str::to_owned),
                     };
                     Utf8Bytes::from(frame.to_json())
                 })
             };
-            match state.hub.go_live(&room, self.conn, plan.last_id, joined) {
+            let go = state
+                .hub
+                .go_live(&room, self.conn, plan.last_id, plan.epoch.clone(), joined);
+            match go {
                 GoLive::Live(last_id) => {
                     debug!(%room, last_id, recovered, "joined");
                     if let Some(entry) = self.rooms.iter_mut().find(|(r, _)| *r == room) {
@@ -485,19 +509,27 @@ impl Session {
     }
 }
 
-/// What a join replays, given the client's `since` and what the bus returned.
+/// What a join replays, given the client's `since` (and its epoch) and what the bus
+/// returned.
 #[derive(Debug, PartialEq, Eq)]
 struct ReplayPlan {
     messages: Vec<Msg>,
     recovered: bool,
     last_id: u64,
+    epoch: Option<Epoch>,
 }
 
 impl ReplayPlan {
-    fn new(since: Option<u64>, history: History) -> Self {
-        let History { top, messages } = history;
+    fn new(since: Option<u64>, client_epoch: Option<&str>, history: History) -> Self {
+        let History {
+            top,
+            epoch,
+            messages,
+        } = history;
+        let same_epoch = client_epoch.is_none() || client_epoch == epoch.as_deref();
         let recovered = match since {
             None => true,
+            Some(_) if !same_epoch => false,
             Some(s) if s > top => false,
             Some(s) => match messages.first() {
                 Some(first) => first.id <= s + 1,
@@ -512,6 +544,7 @@ impl ReplayPlan {
             messages,
             recovered,
             last_id: top,
+            epoch,
         }
     }
 }
@@ -608,6 +641,7 @@ mod tests {
     fn h(top: u64, ids: &[u64]) -> History {
         History {
             top,
+            epoch: Some(Epoch::from("e1")),
             messages: ids
                 .iter()
                 .copied()
@@ -620,7 +654,7 @@ mod tests {
     }
 
     fn plan(since: Option<u64>, history: History) -> (Vec<u64>, bool, u64) {
-        let p = ReplayPlan::new(since, history);
+        let p = ReplayPlan::new(since, None, history);
         (
             p.messages.iter().map(|m| m.id).collect(),
             p.recovered,
@@ -663,5 +697,15 @@ mod tests {
             (vec![6, 7, 8, 9, 10], false, 10)
         );
         assert_eq!(plan(Some(3), h(0, &[])), (vec![], false, 0));
+    }
+
+    #[test]
+    fn a_since_from_another_epoch_is_not_recovered() {
+        let history = || h(10, &(6..=10).collect::<Vec<_>>());
+        let same = ReplayPlan::new(Some(8), Some("e1"), history());
+        assert_eq!((same.messages.len(), same.recovered), (2, true));
+        let other = ReplayPlan::new(Some(8), Some("e0"), history());
+        assert_eq!((other.messages.len(), other.recovered), (5, false));
+        assert_eq!(other.epoch.as_deref(), Some("e1"));
     }
 }

@@ -21,6 +21,8 @@ pub enum ClientFrame {
         room: RoomName,
         /// Last id the client has seen, to resume from.
         since: Option<u64>,
+        /// The room epoch `since` belongs to (from an earlier `joined`).
+        epoch: Option<String>,
         /// Echoed in an `error` about this frame.
         reference: Option<String>,
     },
@@ -53,6 +55,7 @@ struct Raw {
     since: Option<u64>,
     text: Option<String>,
     username: Option<String>,
+    epoch: Option<String>,
     #[serde(rename = "ref")]
     reference: Option<String>,
 }
@@ -89,6 +92,7 @@ fn validate(raw: Raw, limits: Limits) -> Result<ClientFrame, FrameError> {
         Some("join") => Ok(ClientFrame::Join {
             room: room(raw.room)?,
             since: raw.since,
+            epoch: raw.epoch,
             reference: raw.reference,
         }),
         Some("leave") => Ok(ClientFrame::Leave {
@@ -173,6 +177,7 @@ mod tests {
             Ok(ClientFrame::Join {
                 room: RoomName::new("R").unwrap(),
                 since: Some(41),
+                epoch: None,
                 reference: None,
             })
         );

@@ -29,6 +29,10 @@ pub enum ServerFrame {
         last_id: u64,
         /// False when the requested `since` could not be honoured (messages are gone).
         recovered: bool,
+        /// The room's epoch: changes when the room's ids start again (its data was lost).
+        /// Give it back with `since` when resuming. An extension of protocol v1.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<String>,
     },
     /// The answer to `leave`.
     Left {
@@ -85,8 +89,18 @@ mod tests {
                     room: "R".into(),
                     last_id: 42,
                     recovered: true,
+                    epoch: None,
                 },
                 r#"{"type":"joined","room":"R","last_id":42,"recovered":true}"#,
+            ),
+            (
+                ServerFrame::Joined {
+                    room: "R".into(),
+                    last_id: 42,
+                    recovered: false,
+                    epoch: Some("9f2c".into()),
+                },
+                r#"{"type":"joined","room":"R","last_id":42,"recovered":false,"epoch":"9f2c"}"#,
             ),
             (
                 ServerFrame::Left { room: "R".into() },

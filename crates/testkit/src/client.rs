@@ -20,6 +20,8 @@ pub struct Joined {
     pub last_id: u64,
     /// `joined.recovered`.
     pub recovered: bool,
+    /// `joined.epoch`.
+    pub epoch: Option<String>,
 }
 
 impl Joined {
@@ -157,11 +159,13 @@ impl WsClient {
                     room: r,
                     last_id,
                     recovered,
+                    epoch,
                 } if r == room => {
                     return Ok(Joined {
                         messages,
                         last_id,
                         recovered,
+                        epoch,
                     });
                 }
                 other => bail!("expected messages then joined {room}, got {other:?}"),

@@ -28,6 +28,11 @@ impl Keys {
         format!("{}:{{{room}}}:history", self.prefix)
     }
 
+    /// `chat:{R}:epoch` — a random token that changes when the room's ids start again.
+    pub fn epoch(&self, room: &RoomName) -> String {
+        format!("{}:{{{room}}}:epoch", self.prefix)
+    }
+
     /// `chat:{R}` — the live channel.
     pub fn channel(&self, room: &RoomName) -> String {
         format!("{}:{{{room}}}", self.prefix)
@@ -53,6 +58,7 @@ mod tests {
         assert_eq!(k.seq(&r), "chat:{general}:seq");
         assert_eq!(k.history(&r), "chat:{general}:history");
         assert_eq!(k.channel(&r), "chat:{general}");
+        assert_eq!(k.epoch(&r), "chat:{general}:epoch");
         assert_eq!(k.room_of_channel("chat:{general}"), Some("general"));
         assert_eq!(k.room_of_channel("other:{general}"), None);
         assert_eq!(k.room_of_channel("chat:{general}:x"), None);

@@ -13,12 +13,14 @@ use std::{
 
 use chat_protocol::{MessageTemplate, RoomName};
 
-use super::{Bus, BusError, History, Msg};
+use super::{Bus, BusError, Epoch, History, Msg, new_epoch};
 use crate::hub::Hub;
 
-#[derive(Default)]
 struct RoomLog {
     seq: u64,
+    /// A new process is a new epoch: clients resuming across a restart of an embedded
+    /// gateway are told their `since` is from another life.
+    epoch: Epoch,
     history: VecDeque<Msg>,
 }
 
@@ -67,7 +69,13 @@ impl MemoryBus {
     fn log(&self, room: &RoomName) -> Arc<Mutex<RoomLog>> {
         lock(&self.inner.rooms)
             .entry(room.clone())
-            .or_default()
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(RoomLog {
+                    seq: 0,
+                    epoch: Epoch::from(new_epoch()),
+                    history: VecDeque::new(),
+                }))
+            })
             .clone()
     }
 }
@@ -104,6 +112,7 @@ impl Bus for MemoryBus {
         let start = tail_start(log.seq, log.history.len(), since);
         Ok(History {
             top: log.seq,
+            epoch: Some(log.epoch.clone()),
             messages: log.history.iter().skip(start).cloned().collect(),
         })
     }

@@ -33,9 +33,33 @@ pub struct Msg {
 pub struct History {
     /// The room's last assigned id (0 when nothing was ever published).
     pub top: u64,
+    /// The room's epoch, created with its first message (none before).
+    pub epoch: Option<Epoch>,
     /// Retained messages in id order: those after `since` when the store could tell they
     /// are all there, otherwise everything it retains.
     pub messages: Vec<Msg>,
+}
+
+/// A room epoch: a random token created atomically with the room's id counter. When a
+/// room's data is lost (flush, eviction, a Redis without persistence), its ids start at 1
+/// again under a new epoch, and a `since` from the old epoch cannot be trusted.
+pub type Epoch = std::sync::Arc<str>;
+
+/// A fresh random epoch token.
+pub fn new_epoch() -> String {
+    format!("{:016x}", fastrand::u64(..))
+}
+
+/// The pub/sub notice that precedes a room's first message in a new epoch.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct EpochNotice {
+    /// Always `"epoch"`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The room.
+    pub room: String,
+    /// The new epoch.
+    pub epoch: String,
 }
 
 /// A bus operation failed; the client is told `unavailable`.

@@ -31,12 +31,22 @@ use fred::{
 use tokio::{sync::broadcast::error::RecvError, task::JoinHandle};
 use tracing::{error, warn};
 
-use super::{Bus, BusError, History, Msg, keys::Keys};
+use super::{Bus, BusError, Epoch, EpochNotice, History, Msg, keys::Keys, new_epoch};
 use crate::hub::Hub;
 
-/// KEYS: seq, history. ARGV: channel, head, middle, history size, publish command.
-const PUBLISH_LUA: &str = r"
+/// KEYS: seq, history, epoch. ARGV: channel, head, middle, history size, publish command,
+/// epoch candidate, room. A counter that starts at 1 (a new room, or one whose data was
+/// lost) drops stale history, makes sure the room has an epoch (a join may have created
+/// it already) and publishes an epoch notice before the message, so every instance learns
+/// of a reset in order.
+const PUBLISH_LUA: &str = r#"
 local id = redis.call('INCR', KEYS[1])
+if id == 1 then
+  redis.call('DEL', KEYS[2])
+  redis.call('SET', KEYS[3], ARGV[6], 'NX')
+  local epoch = redis.call('GET', KEYS[3])
+  redis.call(ARGV[5], ARGV[1], '{"type":"epoch","room":"' .. ARGV[7] .. '","epoch":"' .. epoch .. '"}')
+end
 local t = redis.call('TIME')
 local ts = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
 local msg = ARGV[2] .. id .. ARGV[3] .. ts .. '}'
@@ -44,12 +54,19 @@ redis.call('RPUSH', KEYS[2], msg)
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
 redis.call(ARGV[5], ARGV[1], msg)
 return id
-";
+"#;
 
-/// KEYS: seq, history. ARGV: since (-1 for none). Returns {top, entries}: the entries after
-/// `since` when all of them are retained, else every retained entry.
+/// KEYS: seq, history, epoch. ARGV: since (-1 for none), epoch candidate. Returns {top,
+/// epoch, entries}: the entries after `since` when all of them are retained, else every
+/// retained entry. Creates the room's epoch if it has none, so that `joined` always
+/// carries one.
 const HISTORY_LUA: &str = r"
 local top = tonumber(redis.call('GET', KEYS[1]) or '0')
+local epoch = redis.call('GET', KEYS[3])
+if not epoch then
+  epoch = ARGV[2]
+  redis.call('SET', KEYS[3], epoch)
+end
 local since = tonumber(ARGV[1])
 local n = redis.call('LLEN', KEYS[2])
 local start = 0
@@ -57,8 +74,8 @@ if since >= 0 and since <= top then
   local newer = top - since
   if newer < n then start = n - newer end
 end
-if start >= n then return {top, {}} end
-return {top, redis.call('LRANGE', KEYS[2], start, -1)}
+if start >= n then return {top, epoch, {}} end
+return {top, epoch, redis.call('LRANGE', KEYS[2], start, -1)}
 ";
 
 /// Messages fred may hold for the reader task before it reports a lag.
@@ -350,9 +367,15 @@ async fn read_messages(
                 let Some(room) = keys.room_of_channel(&message.channel) else {
                     continue;
                 };
-                match to_msg(message.value) {
-                    Some(msg) => hub.dispatch(room, msg),
-                    None => warn!(%room, "ignoring a pub/sub payload that is not a message frame"),
+                let Some(bytes) = message.value.into_bytes() else {
+                    continue;
+                };
+                if let Some(msg) = to_msg(bytes.clone()) {
+                    hub.dispatch(room, msg);
+                } else if let Ok(notice) = serde_json::from_slice::<EpochNotice>(&bytes) {
+                    hub.reset(room, Epoch::from(notice.epoch));
+                } else {
+                    warn!(%room, "ignoring a pub/sub payload that is not a message frame");
                 }
             }
             Err(RecvError::Lagged(n)) => {
@@ -365,8 +388,7 @@ async fn read_messages(
     }
 }
 
-fn to_msg(value: Value) -> Option<Msg> {
-    let bytes = value.into_bytes()?;
+fn to_msg(bytes: bytes::Bytes) -> Option<Msg> {
     let id = peek_id(&bytes)?;
     let frame = Utf8Bytes::try_from(bytes).ok()?;
     Some(Msg { id, frame })
@@ -385,13 +407,15 @@ impl Bus for RedisBus {
         };
         self.evalsha(
             &self.inner.publish,
-            vec![k.seq(room), k.history(room)],
+            vec![k.seq(room), k.history(room), k.epoch(room)],
             vec![
                 k.channel(room),
                 message.head.clone(),
                 message.middle.clone(),
                 self.inner.history_size.to_string(),
                 command.to_owned(),
+                new_epoch(),
+                room.to_string(),
             ],
         )
         .await
@@ -432,8 +456,8 @@ impl Bus for RedisBus {
         let reply: Value = self
             .evalsha(
                 &self.inner.history,
-                vec![k.seq(room), k.history(room)],
-                vec![since],
+                vec![k.seq(room), k.history(room), k.epoch(room)],
+                vec![since, new_epoch()],
             )
             .await?;
         let mut parts = reply.into_array().into_iter();
@@ -441,15 +465,28 @@ impl Bus for RedisBus {
             .next()
             .and_then(|v| v.as_u64())
             .ok_or(BusError::Corrupt("history top is not an integer"))?;
+        let epoch = parts
+            .next()
+            .and_then(|v| v.into_string())
+            .filter(|e| !e.is_empty())
+            .map(Epoch::from);
         let entries = parts
             .next()
             .ok_or(BusError::Corrupt("history reply has no entries"))?;
         let messages = entries
             .into_array()
             .into_iter()
-            .map(|v| to_msg(v).ok_or(BusError::Corrupt("history entry is not a message frame")))
+            .map(|v| {
+                v.into_bytes()
+                    .and_then(to_msg)
+                    .ok_or(BusError::Corrupt("history entry is not a message frame"))
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(History { top, messages })
+        Ok(History {
+            top,
+            epoch,
+            messages,
+        })
     }
 
     fn is_ready(&self) -> bool {

@@ -262,23 +262,14 @@ async fn readyz_follows_redis_and_sends_are_refused_while_it_is_down() -> anyhow
         gw.get_status("/readyz").await.ok() == Some(200)
     })
     .await?;
-    // Ready again means resubscribed: the same connection sends and receives, and the
-    // refused message was not stored (this Redis kept no data, so the next id is 1).
+    // This Redis kept no data: the room starts a new epoch with the next message, and the
+    // connection that lived across the reset is told to resume (1013).
     c.say("general", "back", Some("r2")).await?;
-    let mut seen = (false, false);
-    while seen != (true, true) {
-        match c.recv().await? {
-            ServerFrame::Ack { reference, id, .. } if reference == "r2" => {
-                assert_eq!(id, 1);
-                seen.0 = true;
-            }
-            ServerFrame::Message(m) => {
-                assert_eq!((m.id, m.text.as_str()), (1, "back"));
-                seen.1 = true;
-            }
-            other => bail!("expected ack and message, got {other:?}"),
-        }
-    }
+    assert_eq!(c.closed().await?, Some(chat_protocol::close::TRY_AGAIN));
+    // The refused message was never stored: the new epoch holds only "back", as id 1.
+    let (_d, j) = connect(&gw, "", "general").await?;
+    assert_eq!(j.ids(), vec![1]);
+    assert_eq!(j.messages[0].text, "back");
     Ok(())
 }
 
@@ -401,5 +392,62 @@ async fn a_redis_restart_loses_nothing_acknowledged() -> anyhow::Result<()> {
     }
     let want: Vec<String> = (1..=N).map(|i| format!("m{i}")).collect();
     assert_eq!(texts, want);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_reset_is_never_mistaken_for_being_up_to_date() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let (gw_a, gw_b) = two(&redis).await?;
+    let (mut c1, j) = connect(&gw_a, "?room=e", "e").await?;
+    let old_epoch = j.epoch.clone().expect("joined carries the room's epoch");
+    let (mut across, _) = connect(&gw_b, "?room=e", "e").await?;
+    for i in 1..=5 {
+        c1.say("e", &format!("old {i}"), None).await?;
+        c1.recv_message().await?;
+        across.recv_message().await?;
+    }
+    c1.close().await?;
+    // The room's data is lost (FLUSHALL stands for a Redis restarted without persistence).
+    let admin = redis.client().await?;
+    let _: () = admin
+        .custom(
+            fred::types::CustomCommand::new_static("FLUSHALL", None, false),
+            Vec::<String>::new(),
+        )
+        .await?;
+    let (mut writer, _) = connect(&gw_b, "?room=e&username=w", "e").await?;
+    for i in 1..=6 {
+        writer
+            .say("e", &format!("new {i}"), Some(&i.to_string()))
+            .await?;
+        loop {
+            if let ServerFrame::Ack { id, .. } = writer.recv().await? {
+                assert_eq!(id, i, "ids start again at 1");
+                break;
+            }
+        }
+    }
+    // A client connected across the reset is told to resume (1013)...
+    assert_eq!(
+        across.closed().await?,
+        Some(chat_protocol::close::TRY_AGAIN)
+    );
+    // ...and one resuming with its old epoch is not told it is up to date.
+    let (_c, j) = connect(&gw_a, &format!("?room=e&since=5&epoch={old_epoch}"), "e").await?;
+    assert!(!j.recovered);
+    assert_ne!(j.epoch.as_deref(), Some(old_epoch.as_str()));
+    assert_eq!(j.ids(), vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(j.messages[0].text, "new 1");
+    // The same with a join frame.
+    let (mut c, _) = connect(&gw_a, "?room=lobby", "lobby").await?;
+    c.send_json(json!({"type": "join", "room": "e", "since": 5, "epoch": old_epoch}))
+        .await?;
+    let j = c.until_joined("e").await?;
+    assert_eq!((j.ids().len(), j.recovered), (6, false));
+    // With the current epoch, resuming works as usual.
+    let current = j.epoch.clone().unwrap_or_default();
+    let (_c, j) = connect(&gw_a, &format!("?room=e&since=5&epoch={current}"), "e").await?;
+    assert_eq!((j.ids(), j.recovered), (vec![6], true));
     Ok(())
 }
