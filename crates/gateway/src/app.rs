@@ -127,6 +127,8 @@ impl App {
                     prefix: config.redis_prefix.clone(),
                     history_size: config.history_size,
                     timeout: config.redis_timeout,
+                    probe_interval: config.pubsub_probe,
+                    instance_id: config.instance_id.clone(),
                 };
                 AnyBus::Redis(RedisBus::connect(&settings, hub.clone())?)
             }

@@ -76,6 +76,8 @@ pub struct Config {
     pub write_timeout: Duration,
     /// Longest wait for Redis on one command before answering `unavailable` (`REDIS_TIMEOUT_MS`, default 2000).
     pub redis_timeout: Duration,
+    /// Interval of the pub/sub delivery self-probe (`PUBSUB_PROBE_SECS`, default 5; 0 = off).
+    pub pubsub_probe: Option<Duration>,
     /// How long shutdown waits for connections to close (`SHUTDOWN_GRACE_SECS`, default 25).
     pub shutdown_grace: Duration,
     /// This instance's id in `welcome` and logs (`INSTANCE_ID`; default `DYNO`, else hostname + suffix).
@@ -107,6 +109,7 @@ struct Raw {
     ping_interval_secs: Option<u64>,
     write_timeout_secs: Option<u64>,
     redis_timeout_ms: Option<u64>,
+    pubsub_probe_secs: Option<u64>,
     shutdown_grace_secs: Option<u64>,
     instance_id: Option<String>,
     dyno: Option<String>,
@@ -274,6 +277,10 @@ impl Config {
             ping_interval,
             write_timeout,
             redis_timeout: Duration::from_millis(redis_timeout),
+            pubsub_probe: match raw.pubsub_probe_secs.unwrap_or(5) {
+                0 => None,
+                secs => Some(Duration::from_secs(secs)),
+            },
             shutdown_grace,
             instance_id,
             log_format,
@@ -318,6 +325,7 @@ impl fmt::Debug for Config {
             .field("ping_interval", &self.ping_interval)
             .field("write_timeout", &self.write_timeout)
             .field("redis_timeout", &self.redis_timeout)
+            .field("pubsub_probe", &self.pubsub_probe)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("instance_id", &self.instance_id)
             .field("log_format", &self.log_format)

@@ -14,12 +14,14 @@
 mod client;
 mod gateway;
 mod process;
+mod proxy;
 mod redis;
 mod topology;
 
 pub use client::{Joined, WsClient};
 pub use gateway::TestGateway;
 pub use process::GatewayProcess;
+pub use proxy::RedisProxy;
 pub use redis::{RedisCluster, RedisServer};
 pub use topology::{SENTINEL_SERVICE, Topology};
 

@@ -38,6 +38,11 @@ impl Keys {
         format!("{}:{{{room}}}", self.prefix)
     }
 
+    /// `chat:probe:{instance}` — an instance's own channel for its delivery self-probe.
+    pub fn probe(&self, instance: &str) -> String {
+        format!("{}:probe:{instance}", self.prefix)
+    }
+
     /// The room a channel name belongs to, if it is one of ours.
     pub fn room_of_channel<'a>(&self, channel: &'a str) -> Option<&'a str> {
         channel

@@ -94,6 +94,10 @@ struct Inner {
     /// again on the new connection: until then this instance may miss messages, so it
     /// is not ready.
     resync_pending: AtomicBool,
+    /// This instance's own channel for the delivery self-probe.
+    probe_channel: String,
+    /// The last probe token that came back through the subscriber connection.
+    probe_seen: tokio::sync::watch::Sender<u64>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -123,6 +127,11 @@ pub struct RedisSettings {
     pub history_size: usize,
     /// Longest wait for one command.
     pub timeout: Duration,
+    /// How often to check, through Redis, that the subscriber connection still delivers
+    /// (`None`: never).
+    pub probe_interval: Option<Duration>,
+    /// Names this instance's probe channel.
+    pub instance_id: String,
 }
 
 impl RedisBus {
@@ -161,7 +170,19 @@ impl RedisBus {
         // Likewise for connection events, before connecting.
         let errors = subscriber.error_rx();
         let connects = subscriber.reconnect_rx();
-        let reader = tokio::spawn(read_messages(messages, keys.clone(), hub.clone()));
+        let probe_channel = keys.probe(&format!(
+            "{}-{:04x}",
+            settings.instance_id,
+            fastrand::u16(..)
+        ));
+        let (probe_seen, _) = tokio::sync::watch::channel(0u64);
+        let reader = tokio::spawn(read_messages(
+            messages,
+            keys.clone(),
+            hub.clone(),
+            probe_channel.clone(),
+            probe_seen.clone(),
+        ));
         let commands_task = spawn_connection(&commands);
         let subscriber_task = spawn_connection(&subscriber);
 
@@ -176,12 +197,54 @@ impl RedisBus {
                 publish: Script::from_lua(PUBLISH_LUA),
                 history: Script::from_lua(HISTORY_LUA),
                 resync_pending: AtomicBool::new(false),
+                probe_channel,
+                probe_seen,
                 tasks: Mutex::new(vec![reader, commands_task, subscriber_task]),
             }),
         };
         let resync = tokio::spawn(bus.clone().keep_subscriptions(hub, errors, connects));
         bus.tasks().push(resync);
+        if let Some(every) = settings.probe_interval {
+            let probe = tokio::spawn(bus.clone().probe(every));
+            bus.tasks().push(probe);
+        }
         Ok(bus)
+    }
+
+    /// The self-probe: a connection can stay open while Redis no longer delivers on it
+    /// (a proxy or failover gone wrong). Every `every`, publish a token on this instance's
+    /// own channel and expect it back on the subscriber connection within `every`; if it
+    /// does not come, the instance is not ready and the subscriber reconnects, which
+    /// resubscribes and repairs every room.
+    async fn probe(self, every: Duration) {
+        let mut seen = self.inner.probe_seen.subscribe();
+        let mut token = 0u64;
+        loop {
+            tokio::time::sleep(every).await;
+            if !self.is_ready() {
+                continue;
+            }
+            token += 1;
+            let channel = self.inner.probe_channel.clone();
+            let sent = self
+                .with_timeout(self.inner.commands.publish::<i64, _, _>(channel, token))
+                .await;
+            if sent.is_err() {
+                // The command connection's own troubles show elsewhere.
+                continue;
+            }
+            let back = matches!(
+                tokio::time::timeout(every, seen.wait_for(|v| *v >= token)).await,
+                Ok(Ok(_))
+            );
+            if !back {
+                warn!("pub/sub connection stopped delivering; reconnecting it");
+                self.inner.resync_pending.store(true, Ordering::SeqCst);
+                if let Err(err) = self.inner.subscriber.force_reconnection().await {
+                    warn!(error = %err, "forced reconnection failed");
+                }
+            }
+        }
     }
 
     /// Resubscribes every room after a reconnect; clears `resync_pending` only when all
@@ -192,6 +255,17 @@ impl RedisBus {
         loop {
             // fred reports the new connection before marking itself connected.
             let _ = tokio::time::timeout(self.inner.timeout, subscriber.wait_for_connect()).await;
+            let probe = async {
+                let channel = self.inner.probe_channel.clone();
+                self.with_timeout(subscriber.subscribe(channel)).await?;
+                self.barrier().await
+            };
+            if let Err(err) = probe.await {
+                warn!(error = %err, "probe subscription failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+                continue;
+            }
             match hub.resubscribe(self).await {
                 Ok(rooms) => {
                     if rooms > 0 {
@@ -360,9 +434,16 @@ async fn read_messages(
     mut messages: tokio::sync::broadcast::Receiver<Message>,
     keys: Keys,
     hub: Arc<Hub>,
+    probe_channel: String,
+    probe_seen: tokio::sync::watch::Sender<u64>,
 ) {
     loop {
         match messages.recv().await {
+            Ok(message) if *message.channel == *probe_channel => {
+                if let Some(token) = message.value.as_u64() {
+                    probe_seen.send_modify(|seen| *seen = (*seen).max(token));
+                }
+            }
             Ok(message) => {
                 let Some(room) = keys.room_of_channel(&message.channel) else {
                     continue;

@@ -451,3 +451,55 @@ async fn a_room_reset_is_never_mistaken_for_being_up_to_date() -> anyhow::Result
     assert_eq!((j.ids(), j.recovered), (vec![6], true));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_subscription_is_detected_by_the_probe_and_backfilled() -> anyhow::Result<()> {
+    const N: u64 = 300;
+    let redis = RedisServer::start().await?;
+    let proxy = chat_testkit::RedisProxy::start(redis.port()).await?;
+    let vars = |id| {
+        [
+            ("INSTANCE_ID", id),
+            ("RATE_LIMIT_PER_SEC", "0"),
+            ("PUBSUB_PROBE_SECS", "1"),
+        ]
+    };
+    let gw_a = TestGateway::with_redis(&proxy.url(), &vars("gw-a")).await?;
+    let gw_b = TestGateway::with_redis(&proxy.url(), &vars("gw-b")).await?;
+    let (mut on_b, _) = connect(&gw_b, "?room=quiet", "quiet").await?;
+    let (mut publisher, _) = connect(&gw_a, "?room=quiet", "quiet").await?;
+    let mut acked = 0;
+    for i in 1..=N {
+        publisher
+            .say("quiet", &format!("m{i}"), Some(&i.to_string()))
+            .await?;
+        while i >= acked + 8 || (i == N && acked < N) {
+            match publisher.recv().await? {
+                ServerFrame::Ack { id, .. } => {
+                    acked += 1;
+                    if id == N / 3 {
+                        // Both subscriber connections stay open but deliver nothing more.
+                        ensure!(proxy.silence_subscribers() >= 2, "subscribers not found");
+                        for gw in [&gw_a, &gw_b] {
+                            eventually("not ready", || async {
+                                gw.get_status("/readyz").await.ok() == Some(503)
+                            })
+                            .await?;
+                        }
+                        for gw in [&gw_a, &gw_b] {
+                            eventually("ready again", || async {
+                                gw.get_status("/readyz").await.ok() == Some(200)
+                            })
+                            .await?;
+                        }
+                    }
+                }
+                ServerFrame::Message(_) => {}
+                other => bail!("publisher got {other:?}"),
+            }
+        }
+    }
+    let ids = collect_ids(&mut on_b, N).await?;
+    ensure!(ids == (1..=N).collect::<Vec<_>>(), "on_b saw {ids:?}");
+    Ok(())
+}
