@@ -21,11 +21,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   echo "e2e: installing ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  # The test runs its own nginx and redis-server on free ports, whatever the packages start.
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
-  # Debian starts the packaged nginx on port 80; the test runs its own on a free port.
-  if [[ " ${need_apt[*]} " == *" nginx "* ]] && command -v systemctl >/dev/null 2>&1; then
-    $SUDO systemctl disable --now nginx >/dev/null 2>&1 || true
-  fi
 fi
 chromium --version
 "$(command -v nginx || echo /usr/sbin/nginx)" -v
@@ -45,6 +42,15 @@ if [ -z "${GATEWAY_BIN:-}" ]; then
   export GATEWAY_BIN="$target_dir/release/chat-gateway"
 fi
 
-echo "e2e: running the browser test"
-cd e2e
-exec node --test --test-concurrency=1 --test-reporter=spec test/
+echo "e2e: running the browser test (gateway: $GATEWAY_BIN)"
+status=0
+(cd e2e && node --test --test-concurrency=1 --test-reporter=spec test/) || status=$?
+if [ "$status" -ne 0 ]; then
+  echo "e2e: FAILED (exit $status); screenshots in artifacts/, process logs in artifacts/e2e-logs/:"
+  for f in artifacts/e2e-logs/*.log; do
+    [ -f "$f" ] || continue
+    echo "----- $f (last 40 lines)"
+    tail -n 40 "$f"
+  done
+fi
+exit "$status"

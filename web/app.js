@@ -41,7 +41,7 @@ const els = {
   nameCancel: $('name-cancel'),
 };
 
-const timeFmt = new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2-digit' });
+const timeFmt = new Intl.DateTimeFormat(undefined, { hour: 'numeric', minute: '2-digit' });
 const fullFmt = new Intl.DateTimeFormat(undefined, { dateStyle: 'full', timeStyle: 'medium' });
 const dayFmt = new Intl.DateTimeFormat(undefined, { weekday: 'long', month: 'long', day: 'numeric' });
 
@@ -107,7 +107,8 @@ function viewFor(room) {
     log.setAttribute('aria-label', `Messages in #${room}`);
     log.hidden = room !== activeRoom;
     els.logs.append(log);
-    view = { room, log, unread: 0, lastMsg: null, loaded: false };
+    // lastMsg: the previous message, for grouping (null after a notice); lastTs: for day dividers.
+    view = { room, log, unread: 0, lastMsg: null, lastTs: null, loaded: false };
     views.set(room, view);
   }
   return view;
@@ -293,7 +294,7 @@ function appendMessages(room, messages, replay) {
   const frag = document.createDocumentFragment();
   let prev = view.lastMsg;
   for (const m of messages) {
-    if (!prev || !sameDay(prev.ts, m.ts)) {
+    if (view.lastTs === null || !sameDay(view.lastTs, m.ts)) {
       const day = document.createElement('li');
       day.className = 'day-divider';
       const label = document.createElement('span');
@@ -304,6 +305,7 @@ function appendMessages(room, messages, replay) {
     }
     frag.append(messageElement(m, prev));
     prev = m;
+    view.lastTs = m.ts;
   }
   view.lastMsg = prev;
   view.log.append(frag);
@@ -364,8 +366,19 @@ function renderPending() {
       const retry = document.createElement('button');
       retry.type = 'button';
       retry.className = 'link-button';
-      retry.textContent = 'Try again';
-      retry.addEventListener('click', () => client.retry(p.ref));
+      if (p.code === 'too_large') {
+        // Sending it again would fail the same way: back to the composer to shorten it.
+        retry.textContent = 'Edit';
+        retry.addEventListener('click', () => {
+          client.discard(p.ref);
+          els.input.value = p.text;
+          autosize();
+          els.input.focus();
+        });
+      } else {
+        retry.textContent = 'Try again';
+        retry.addEventListener('click', () => client.retry(p.ref));
+      }
       const discard = document.createElement('button');
       discard.type = 'button';
       discard.className = 'link-button';
@@ -607,21 +620,25 @@ client.addEventListener('status', (e) => renderStatus(e.detail));
 client.addEventListener('messages', (e) => appendMessages(e.detail.room, e.detail.messages, e.detail.replay));
 client.addEventListener('reset', (e) => {
   const view = viewFor(e.detail.room);
-  view.log.replaceChildren(noticeElement('This room was reset on the server; showing its messages from the start.'));
+  view.log.replaceChildren(noticeElement('This room started over on the server: earlier messages are no longer available.'));
   view.lastMsg = null;
+  view.lastTs = null;
+});
+client.addEventListener('gap', (e) => {
+  const { room } = e.detail;
+  const view = viewFor(room);
+  const text = 'Some earlier messages are no longer available: you were away longer than this room keeps history.';
+  view.log.append(noticeElement(text));
+  view.lastMsg = null;
+  if (room === activeRoom) announce(text);
 });
 client.addEventListener('joined', (e) => {
-  const { room, recovered, resumed } = e.detail;
-  const view = viewFor(room);
-  if (!recovered && resumed) {
-    const text = 'Some earlier messages are no longer available: you were away longer than this room keeps history.';
-    view.log.append(noticeElement(text));
-    view.lastMsg = null;
-    if (room === activeRoom) announce(text);
-  }
+  const view = viewFor(e.detail.room);
   view.loaded = true;
-  if (room === activeRoom) renderEmptyState();
-  client.pendingFor(room).length && renderPending();
+  if (e.detail.room === activeRoom) {
+    renderEmptyState();
+    renderPending();
+  }
 });
 client.addEventListener('roomerror', (e) => {
   const { room, text } = e.detail;

@@ -6,7 +6,8 @@
 //   status    {state: 'connecting'|'connected'|'reconnecting'|'offline', instance, attempt, retryAt, reason}
 //   messages  {room, messages, replay}   new messages of a room, in id order, never twice
 //   reset     {room}                     the room's ids restarted on the server: forget what was shown
-//   joined    {room, recovered, resumed} the room is live (after its history replay)
+//   gap       {room}                     messages between what was shown and the replay that follows are lost
+//   joined    {room, recovered, resumed, reset} the room is live (after its history replay)
 //   roomerror {room, code, text}         the room could not be joined and was dropped
 //   outbox    {}                         a pending message changed state, appeared or went away
 //   problem   {code, text}               a server error not tied to a message, in words
@@ -201,6 +202,7 @@ export class ChatClient extends EventTarget {
     if (!p || p.state !== 'failed') return;
     p.state = 'queued';
     p.error = null;
+    p.code = null;
     this.outboxChanged();
     this.flush(p.room);
   }
@@ -226,7 +228,10 @@ export class ChatClient extends EventTarget {
     // with `join` frames after `welcome`.
     if (first) {
       url.searchParams.set('room', first.name);
-      if (first.lastId > 0) url.searchParams.set('since', String(first.lastId));
+      if (first.lastId > 0) {
+        url.searchParams.set('since', String(first.lastId));
+        if (first.epoch) url.searchParams.set('epoch', first.epoch);
+      }
     }
     if (checkUsername(this.username).ok) url.searchParams.set('username', this.username.trim());
     this.setStatus({
@@ -296,6 +301,7 @@ export class ChatClient extends EventTarget {
           // The server closed us for a frame over MAX_FRAME_BYTES: sending it again would
           // only repeat that.
           p.state = 'failed';
+          p.code = 'too_large';
           p.error = 'That message is too large for the server.';
         } else {
           // Fate unknown (it may have been stored before the drop): after the reconnect the
@@ -346,7 +352,10 @@ export class ChatClient extends EventTarget {
     room.state = 'joining';
     room.buffer = [];
     const frame = { type: 'join', room: room.name, ref: `j:${room.name}` };
-    if (room.lastId > 0) frame.since = room.lastId;
+    if (room.lastId > 0) {
+      frame.since = room.lastId;
+      if (room.epoch) frame.epoch = room.epoch;
+    }
     this.sendFrame(frame);
   }
 
@@ -408,17 +417,28 @@ export class ChatClient extends EventTarget {
     this.attempt = 0;
     const resumed = room.lastId > 0;
     const lastId = Number(f.last_id) || 0;
-    if (f.recovered === false && lastId < room.lastId) {
-      // The room's ids were reset on the server: what we showed is from another life.
+    // `epoch` (when the server sends one) names the room's id sequence; a new one means
+    // the room's ids started again. Without it, a last id below ours means the same.
+    const epoch = typeof f.epoch === 'string' ? f.epoch : null;
+    const newEpoch = room.epoch !== null && epoch !== null && epoch !== room.epoch;
+    const reset = resumed && f.recovered === false && (newEpoch || lastId < room.lastId);
+    if (reset) {
+      // What we showed is from another life of the room: start over with this replay.
       room.lastId = 0;
+      for (const p of this.outbox) if (p.room === room.name && p.baseline !== null) p.baseline = 0;
       this.emit('reset', { room: room.name });
+    }
+    if (epoch !== null) room.epoch = epoch;
+    if (resumed && f.recovered === false && !reset) {
+      // `since` is older than the retained history: there is a hole before this replay.
+      this.emit('gap', { room: room.name });
     }
     const replay = room.buffer;
     room.buffer = [];
     room.state = 'joined';
     this.deliver(room, replay, true);
     room.lastId = Math.max(room.lastId, lastId);
-    this.emit('joined', { room: room.name, recovered: f.recovered !== false, resumed });
+    this.emit('joined', { room: room.name, recovered: f.recovered !== false, resumed, reset });
     this.flush(room.name);
   }
 
@@ -468,7 +488,10 @@ export class ChatClient extends EventTarget {
         // "already joined": harmless, the replay is on its way.
       } else {
         this.rooms.delete(room.name);
-        this.emit('roomerror', { room: room.name, code, text });
+        this.outbox = this.outbox.filter((p) => p.room !== room.name);
+        this.outboxChanged();
+        const why = code === 'forbidden' ? 'You are in as many rooms as the server allows; leave one first.' : text;
+        this.emit('roomerror', { room: room.name, code, text: why });
       }
       return;
     }
@@ -478,8 +501,9 @@ export class ChatClient extends EventTarget {
   onSendError(p, code, text, seq) {
     clearTimeout(p.retryTimer);
     if (code === 'unavailable' || code === 'rate_limited') {
-      // Not stored (the server says so); try again later on this connection. Until then the
-      // live stream can still reveal a stored copy (see matchOutbox) and settle it.
+      // Not stored, says the server (though a publish cut off mid-way may have run, see
+      // docs/operations.md); try again later on this connection. Until then the live
+      // stream can still reveal a stored copy (see matchOutbox) and settle it.
       p.state = 'retrying';
       p.error = text;
       p.retries = (p.retries || 0) + 1;
@@ -499,6 +523,7 @@ export class ChatClient extends EventTarget {
     } else {
       p.state = 'failed';
       p.error = text;
+      p.code = code;
       this.outboxChanged();
       this.emit('problem', { code, text });
     }
@@ -530,6 +555,10 @@ export class ChatClient extends EventTarget {
    * stored copy; only a message not found that way is sent again (in flush(), which runs
    * after the room's `joined`). Acked messages are settled by id. The heuristic errs on the
    * side of "delivered" if the same name posts the same text from elsewhere at that moment.
+   * What it cannot see: a publish from the old connection that Redis completes only after
+   * the new connection's replay was read (Redis stalled for longer than the reconnect
+   * backoff); the re-send then makes a second copy. Only a server that de-duplicates by
+   * `ref` closes that window.
    */
   matchOutbox(room, fresh) {
     let changed = false;
@@ -598,7 +627,7 @@ export class ChatClient extends EventTarget {
 }
 
 function newRoom(name) {
-  return { name, lastId: 0, state: 'idle', buffer: [], retryTimer: null };
+  return { name, lastId: 0, epoch: null, state: 'idle', buffer: [], retryTimer: null };
 }
 
 function closeReason(ev) {

@@ -122,6 +122,27 @@ function redisPing(port) {
   });
 }
 
+/** One Redis command over RESP; resolves with the raw reply. */
+function redisCommand(port, args) {
+  return new Promise((resolve, reject) => {
+    const sock = net.connect(port, '127.0.0.1');
+    let buf = '';
+    sock.setTimeout(2000, () => sock.destroy(new Error('redis command timed out')));
+    sock.on('connect', () => {
+      sock.write(`*${args.length}\r\n${args.map((a) => `$${Buffer.byteLength(String(a))}\r\n${a}\r\n`).join('')}`);
+    });
+    sock.on('data', (d) => {
+      buf += d;
+      if (buf.endsWith('\r\n')) {
+        sock.end();
+        if (buf.startsWith('-')) reject(new Error(buf.trim()));
+        else resolve(buf);
+      }
+    });
+    sock.on('error', reject);
+  });
+}
+
 async function httpStatus(url) {
   const res = await fetch(url, { signal: AbortSignal.timeout(2000) });
   await res.arrayBuffer();
@@ -145,15 +166,20 @@ export class Stack {
     this.redisPort = await freePort();
     const dir = path.join(this.dir, 'redis');
     fs.mkdirSync(dir);
-    this.redis = launch('redis', which('redis-server'), [
+    this.redisProc = launch('redis', which('redis-server'), [
       '--port', String(this.redisPort),
       '--bind', '127.0.0.1',
       '--save', '',
       '--appendonly', 'no',
       '--dir', dir,
     ]);
-    await until('redis-server', () => redisPing(this.redisPort), { child: this.redis });
+    await until('redis-server', () => redisPing(this.redisPort), { child: this.redisProc });
     this.redisUrl = `redis://127.0.0.1:${this.redisPort}`;
+  }
+
+  /** Runs one command on the test's Redis (e.g. to cut a room's history short). */
+  redis(...args) {
+    return redisCommand(this.redisPort, args);
   }
 
   /** Starts (or restarts, on the same port) the gateway called `id`. */
@@ -166,6 +192,7 @@ export class Stack {
       REDIS_URL: this.redisUrl,
       INSTANCE_ID: id,
       HISTORY_SIZE: '200',
+      SHUTDOWN_DRAIN_SECS: '0',
       SHUTDOWN_GRACE_SECS: '2',
       RUST_LOG: 'info',
       LOG_FORMAT: 'pretty',
@@ -203,7 +230,12 @@ export class Stack {
     fs.writeFileSync(path.join(conf, 'listen.conf'), `listen 127.0.0.1:${this.nginxPort};\n`);
     const nginx = which('nginx', ['/usr/sbin/nginx']);
     const args = ['-p', prefix, '-c', path.join(conf, 'nginx.conf'), '-e', path.join(prefix, 'error.log'), '-g', 'daemon off;'];
-    execFileSync(nginx, [...args, '-t'], { stdio: 'pipe' });
+    try {
+      // stdout to /dev/null: the config's `access_log /dev/stdout` cannot open a socket.
+      execFileSync(nginx, [...args, '-t'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    } catch (e) {
+      throw new Error(`nginx -t failed:\n${e.stderr}`);
+    }
     this.nginx = launch('nginx', nginx, args);
     this.baseUrl = `http://127.0.0.1:${this.nginxPort}`;
     await until('nginx', async () => (await httpStatus(`${this.baseUrl}/healthz`)) === 200, { child: this.nginx });

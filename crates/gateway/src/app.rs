@@ -271,13 +271,17 @@ fn accept(
     if limit > 0 && open >= limit {
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
     }
-    let max = state.config.max_frame_bytes;
+    // The session enforces MAX_FRAME_BYTES after reading a message whole, so the close
+    // (1009) is clean: a message cut off mid-way would leave unread bytes, and closing a
+    // socket with unread bytes resets it, losing the close frame. The hard limit, where
+    // tungstenite gives up reading, is four times larger.
+    let hard_limit = state.config.max_frame_bytes.saturating_mul(4);
     let task = state.tracker.token();
     upgrade
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        .max_message_size(max)
-        .max_frame_size(max)
+        .max_message_size(hard_limit)
+        .max_frame_size(hard_limit)
         .on_upgrade(move |socket| async move {
             let _task = task;
             let _slot = slot;

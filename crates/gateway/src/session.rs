@@ -243,6 +243,16 @@ impl Session {
     }
 
     async fn on_message(&mut self, message: Message) {
+        let size = match &message {
+            Message::Text(t) => t.len(),
+            Message::Binary(b) => b.len(),
+            _ => 0,
+        };
+        if size > self.state.config.max_frame_bytes {
+            debug!(size, "frame over MAX_FRAME_BYTES");
+            self.outbox.close(CloseReason::TooBig);
+            return;
+        }
         let text = match message {
             Message::Text(text) => text,
             Message::Binary(_) => {

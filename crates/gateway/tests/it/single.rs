@@ -298,6 +298,11 @@ async fn oversized_frame_closes_with_1009(env: Env) -> anyhow::Result<()> {
         .await?;
     let (mut c, _) = connect(&gw, "", "general").await?;
     c.say("general", &"y".repeat(2000), None).await?;
+    // The client keeps talking: the close frame must still arrive, not a reset (found by
+    // the session fuzzer).
+    for _ in 0..3 {
+        c.say("general", "after the big one", None).await?;
+    }
     assert_eq!(c.closed().await?, Some(close::TOO_BIG));
     // The instance is unaffected.
     let (mut d, _) = connect(&gw, "", "general").await?;
