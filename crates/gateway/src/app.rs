@@ -39,7 +39,7 @@ use crate::{
 };
 
 /// Initial read buffer per connection: chat frames are small, and it is allocated eagerly.
-const READ_BUFFER: usize = 4 * 1024;
+const READ_BUFFER: usize = 1024;
 /// Bytes tungstenite gathers before writing to the socket (a flush always writes).
 const WRITE_BUFFER: usize = 8 * 1024;
 

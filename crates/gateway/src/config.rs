@@ -74,6 +74,9 @@ pub struct Config {
     pub ping_interval: Duration,
     /// A socket write that takes longer closes the connection (`WRITE_TIMEOUT_SECS`, default 10).
     pub write_timeout: Duration,
+    /// How long a client's writer lets frames gather before a write, so one syscall
+    /// carries several (`WRITE_COALESCE_MS`, default 0 = write at once).
+    pub write_coalesce: Duration,
     /// Longest wait for Redis on one command before answering `unavailable` (`REDIS_TIMEOUT_MS`, default 2000).
     pub redis_timeout: Duration,
     /// Interval of the pub/sub delivery self-probe (`PUBSUB_PROBE_SECS`, default 5; 0 = off).
@@ -108,6 +111,7 @@ struct Raw {
     shutdown_drain_secs: Option<u64>,
     ping_interval_secs: Option<u64>,
     write_timeout_secs: Option<u64>,
+    write_coalesce_ms: Option<u64>,
     redis_timeout_ms: Option<u64>,
     pubsub_probe_secs: Option<u64>,
     shutdown_grace_secs: Option<u64>,
@@ -234,6 +238,10 @@ impl Config {
                 "must be shorter than SHUTDOWN_GRACE_SECS",
             ));
         }
+        let write_coalesce = raw.write_coalesce_ms.unwrap_or(0);
+        if write_coalesce > 1000 {
+            return Err(invalid("WRITE_COALESCE_MS", "must be at most 1000"));
+        }
         let redis_timeout = raw.redis_timeout_ms.unwrap_or(2000);
         if !(10..=60_000).contains(&redis_timeout) {
             return Err(invalid("REDIS_TIMEOUT_MS", "must be between 10 and 60000"));
@@ -276,6 +284,7 @@ impl Config {
             shutdown_drain,
             ping_interval,
             write_timeout,
+            write_coalesce: Duration::from_millis(write_coalesce),
             redis_timeout: Duration::from_millis(redis_timeout),
             pubsub_probe: match raw.pubsub_probe_secs.unwrap_or(5) {
                 0 => None,
@@ -324,6 +333,7 @@ impl fmt::Debug for Config {
             .field("shutdown_drain", &self.shutdown_drain)
             .field("ping_interval", &self.ping_interval)
             .field("write_timeout", &self.write_timeout)
+            .field("write_coalesce", &self.write_coalesce)
             .field("redis_timeout", &self.redis_timeout)
             .field("pubsub_probe", &self.pubsub_probe)
             .field("shutdown_grace", &self.shutdown_grace)

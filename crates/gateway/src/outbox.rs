@@ -199,6 +199,29 @@ impl Outbox {
         self.alive.swap(false, Ordering::Relaxed)
     }
 
+    /// Writer side, without waiting: tops `out` up to `max` frames with what is queued.
+    pub fn take_more(&self, out: &mut Vec<Utf8Bytes>, max: usize) {
+        let mut st = self.lock();
+        if st.closing.is_some() {
+            return;
+        }
+        let n = st.queue.len().min(max.saturating_sub(out.len()));
+        let (mut live, mut live_bytes) = (0, 0);
+        out.extend(st.queue.drain(..n).map(|e| {
+            if e.live {
+                live += 1;
+                live_bytes += e.frame.len();
+            }
+            e.frame
+        }));
+        st.live -= live;
+        st.live_bytes -= live_bytes;
+        drop(st);
+        if n > 0 {
+            self.space.notify_one();
+        }
+    }
+
     /// Writer side: moves up to `max` frames into `out`, or reports that the outbox is closing.
     /// Waits while there is nothing to do.
     pub async fn next_batch(

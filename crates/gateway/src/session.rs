@@ -91,15 +91,14 @@ pub async fn run(socket: WebSocket, state: Arc<AppState>, params: ConnectParams,
             state.config.client_queue,
             state.config.client_queue_bytes,
         ));
-        let writer = tokio::spawn(
-            write_loop(
-                sink,
-                outbox.clone(),
-                state.config.ping_interval,
-                state.config.write_timeout,
-            )
-            .in_current_span(),
-        );
+        // Not instrumented: the writer is polled once per batch, and entering a span
+        // each time is measurable on the fan-out path. Its few logs carry `conn`.
+        let timing = WriterTiming {
+            ping_every: state.config.ping_interval,
+            write_timeout: state.config.write_timeout,
+            coalesce: state.config.write_coalesce,
+        };
+        let writer = tokio::spawn(write_loop(sink, outbox.clone(), timing, conn));
         let state_rate = &state.config;
         let rate = RateLimit::new(state_rate.rate_limit_per_sec, state_rate.rate_limit_burst);
         let mut session = Session {
@@ -159,7 +158,9 @@ impl Session {
                 return Some(stream);
             }
             () = done.cancelled() => return Some(stream),
-            () = self.start(params) => {}
+            // Boxed: the join's call graph (bus futures included) is large, and an idle
+            // connection should not carry its state around (see docs/architecture.md).
+            () = Box::pin(self.start(params)) => {}
         }
         loop {
             let next = tokio::select! {
@@ -191,7 +192,7 @@ impl Session {
                     return Some(stream);
                 }
                 () = done.cancelled() => return Some(stream),
-                () = self.on_message(message) => {}
+                () = Box::pin(self.on_message(message)) => {}
             }
         }
     }
@@ -571,13 +572,26 @@ fn is_capacity_error(err: &axum::Error) -> bool {
     false
 }
 
+/// The writer's clock settings.
+#[derive(Clone, Copy, Debug)]
+struct WriterTiming {
+    ping_every: Duration,
+    write_timeout: Duration,
+    coalesce: Duration,
+}
+
 /// The writer task: batches, pings, close frames.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     outbox: Arc<Outbox>,
-    ping_every: Duration,
-    write_timeout: Duration,
+    timing: WriterTiming,
+    conn: ConnId,
 ) {
+    let WriterTiming {
+        ping_every,
+        write_timeout,
+        coalesce,
+    } = timing;
     let mut batch = Vec::new();
     let mut ticker = interval_at(Instant::now() + ping_every, ping_every);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -588,6 +602,11 @@ async fn write_loop(
                 if let Err(reason) = next {
                     break reason;
                 }
+                if !coalesce.is_zero() && batch.len() < WRITE_BATCH {
+                    // Let more frames gather, so one syscall carries several.
+                    tokio::time::sleep(coalesce).await;
+                    outbox.take_more(&mut batch, WRITE_BATCH);
+                }
                 let write = async {
                     for frame in batch.drain(..) {
                         sink.feed(Message::Text(frame)).await?;
@@ -597,11 +616,11 @@ async fn write_loop(
                 match timeout(write_timeout, write).await {
                     Ok(Ok(())) => {}
                     Ok(Err(err)) => {
-                        debug!(error = %err, "write failed");
+                        debug!(conn, error = %err, "write failed");
                         break CloseReason::Gone;
                     }
                     Err(_) => {
-                        debug!("write timed out");
+                        debug!(conn, "write timed out");
                         break CloseReason::TooSlow;
                     }
                 }
@@ -612,7 +631,7 @@ async fn write_loop(
                 } else {
                     unanswered += 1;
                     if unanswered >= 2 {
-                        debug!("peer missed two pings");
+                        debug!(conn, "peer missed two pings");
                         break CloseReason::Gone;
                     }
                 }

@@ -31,6 +31,12 @@ impl GatewayProcess {
         env.insert("HOST", "127.0.0.1".into());
         env.insert("LOG_FORMAT", "json".into());
         env.entry("APP_ENV").or_insert_with(|| "production".into());
+        // Start-up is detected by the "listening" line, whatever else is filtered.
+        let filter = env
+            .get("RUST_LOG")
+            .cloned()
+            .unwrap_or_else(|| "info".into());
+        env.insert("RUST_LOG", format!("{filter},chat_gateway::app=info"));
         let mut child = Command::new(bin)
             .env_clear()
             .envs(env)

@@ -1,0 +1,441 @@
+//! The fan-out scenario: R rooms, each with S subscribers and P publishers, publishing at
+//! a paced total rate. Every message carries its send time; subscribers record end-to-end
+//! latency and check ids (rooms are fresh, so ids run 1, 2, 3, ... in each).
+
+use std::{
+    net::IpAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::ws::{self, Frame, Target};
+
+/// One fan-out run's shape.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Gateways (connections are spread round-robin).
+    pub targets: Vec<Target>,
+    /// Local addresses to connect from, round-robin (more ports on loopback).
+    pub sources: Vec<IpAddr>,
+    /// Rooms.
+    pub rooms: usize,
+    /// Subscribers per room.
+    pub subs: usize,
+    /// Publishers per room.
+    pub pubs: usize,
+    /// Messages per second, all publishers together.
+    pub rate: f64,
+    /// How long publishers publish.
+    pub duration: Duration,
+    /// Text bytes per message.
+    pub size: usize,
+    /// Prefix making this run's room names unique.
+    pub run_id: String,
+}
+
+/// What a run measured.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Outcome {
+    /// Messages publishers sent.
+    pub sent: u64,
+    /// Sends the server refused.
+    pub refused: u64,
+    /// Deliveries expected to subscribers (stored messages × subscribers of the room).
+    pub expected: u64,
+    /// Deliveries received by subscribers (distinct ids).
+    pub delivered: u64,
+    /// Expected but never received.
+    pub lost: u64,
+    /// Received with an id at or below one already received (a duplicate, or a message
+    /// out of order).
+    pub duplicated: u64,
+    /// Deliveries per second over the publishing window.
+    pub deliveries_per_sec: f64,
+    /// Latency percentiles in milliseconds.
+    pub latency_ms: Latency,
+    /// Connections opened.
+    pub connections: usize,
+    /// Subscribers whose connection closed before the end.
+    pub dropped: u64,
+    /// Seconds the measurement window lasted (publishing plus drain).
+    pub window_secs: f64,
+    /// CPU seconds of the gateway processes over the window.
+    pub server_cpu_secs: f64,
+    /// CPU seconds of this tool over the window.
+    pub bench_cpu_secs: f64,
+    /// Redis over the window, when it is ours to ask.
+    pub redis: Option<RedisDelta>,
+}
+
+/// What Redis spent over the window.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RedisDelta {
+    /// CPU seconds.
+    pub cpu_secs: f64,
+    /// EVALSHA calls (publishes and history reads).
+    pub evalsha_calls: u64,
+    /// Mean microseconds per EVALSHA, as Redis measures it.
+    pub usec_per_evalsha: f64,
+}
+
+/// Where to read CPU time from.
+pub struct Meters<'a> {
+    /// Gateway process ids.
+    pub server_pids: &'a [u32],
+    /// A client on the deployment's Redis.
+    pub redis: Option<&'a fred::prelude::Client>,
+}
+
+fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter().filter_map(|p| crate::sys::cpu_secs(*p)).sum()
+}
+
+/// End-to-end latency, milliseconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+struct Shared {
+    joined: AtomicUsize,
+    joined_wake: Notify,
+    go: Notify,
+    started: AtomicBool,
+    stop: AtomicBool,
+    /// Per room: messages stored (sent and not refused).
+    stored: Vec<AtomicU64>,
+    sent: AtomicU64,
+    refused: AtomicU64,
+    delivered: AtomicU64,
+    duplicated: AtomicU64,
+    dropped: AtomicU64,
+    /// Tells subscribers to flush their histograms and end.
+    finish: CancellationToken,
+    histogram: Mutex<Histogram<u64>>,
+}
+
+/// Runs one fan-out; `progress` is called every second with (sent, delivered).
+pub async fn run(
+    plan: &Plan,
+    meters: &Meters<'_>,
+    mut progress: impl FnMut(u64, u64),
+) -> anyhow::Result<Outcome> {
+    let shared = Arc::new(Shared {
+        joined: AtomicUsize::new(0),
+        joined_wake: Notify::new(),
+        go: Notify::new(),
+        started: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+        stored: (0..plan.rooms).map(|_| AtomicU64::new(0)).collect(),
+        sent: AtomicU64::new(0),
+        refused: AtomicU64::new(0),
+        delivered: AtomicU64::new(0),
+        duplicated: AtomicU64::new(0),
+        dropped: AtomicU64::new(0),
+        finish: CancellationToken::new(),
+        histogram: Mutex::new(Histogram::new_with_bounds(1_000, 120_000_000_000, 3)?),
+    });
+    let per_pub_rate = plan.rate / (plan.rooms * plan.pubs).max(1) as f64;
+    let mut subs = Vec::new();
+    let mut pubs = Vec::new();
+    let mut n = 0usize;
+    // Connect everything, a room at a time, spreading connections over targets.
+    for room in 0..plan.rooms {
+        let name = format!("{}-{room}", plan.run_id);
+        for _ in 0..plan.subs {
+            let target =
+                plan.targets[n % plan.targets.len()].with_path(&format!("/ws?room={name}"));
+            let source = (!plan.sources.is_empty()).then(|| plan.sources[n % plan.sources.len()]);
+            n += 1;
+            let (reader, writer) = ws::connect(&target, source).await?;
+            subs.push(tokio::spawn(subscriber(reader, writer, shared.clone())));
+        }
+        for p in 0..plan.pubs {
+            let target = plan.targets[n % plan.targets.len()]
+                .with_path(&format!("/ws?room={name}&username=pub{p}"));
+            let source = (!plan.sources.is_empty()).then(|| plan.sources[n % plan.sources.len()]);
+            n += 1;
+            let (reader, writer) = ws::connect(&target, source).await?;
+            pubs.push(tokio::spawn(publisher(
+                reader,
+                writer,
+                shared.clone(),
+                room,
+                name.clone(),
+                per_pub_rate,
+                plan.size,
+            )));
+        }
+    }
+    // Wait for every connection's `joined` before the clock starts.
+    let total = n;
+    let wait_joined = async {
+        while shared.joined.load(Ordering::SeqCst) < total {
+            let notified = shared.joined_wake.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a wake-up in between is not lost.
+            notified.as_mut().enable();
+            if shared.joined.load(Ordering::SeqCst) >= total {
+                break;
+            }
+            notified.await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), wait_joined)
+        .await
+        .map_err(|_| anyhow::anyhow!("not every connection joined"))?;
+
+    let me = std::process::id();
+    let server_cpu0 = cpu_of(meters.server_pids);
+    let bench_cpu0 = cpu_of(&[me]);
+    let redis0 = match meters.redis {
+        Some(c) => Some(crate::sys::redis_stats(c).await?),
+        None => None,
+    };
+    shared.started.store(true, Ordering::SeqCst);
+    shared.go.notify_waiters();
+    let start = Instant::now();
+    while start.elapsed() < plan.duration {
+        tokio::time::sleep(
+            Duration::from_secs(1).min(plan.duration.saturating_sub(start.elapsed())),
+        )
+        .await;
+        progress(
+            shared.sent.load(Ordering::Relaxed),
+            shared.delivered.load(Ordering::Relaxed),
+        );
+    }
+    shared.stop.store(true, Ordering::SeqCst);
+    let window = start.elapsed();
+    for p in pubs {
+        let _ = p.await;
+    }
+    // Drain: until every subscriber has every stored message, or 10 s.
+    let expected: u64 = shared
+        .stored
+        .iter()
+        .map(|s| s.load(Ordering::SeqCst) * plan.subs as u64)
+        .sum();
+    let drain_until = Instant::now() + Duration::from_secs(10);
+    while shared.delivered.load(Ordering::SeqCst) < expected && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let measured = start.elapsed();
+    let server_cpu = cpu_of(meters.server_pids) - server_cpu0;
+    let bench_cpu = cpu_of(&[me]) - bench_cpu0;
+    let redis = match (meters.redis, redis0) {
+        (Some(c), Some(r0)) => {
+            let r1 = crate::sys::redis_stats(c).await?;
+            let calls = r1.evalsha_calls.saturating_sub(r0.evalsha_calls);
+            Some(RedisDelta {
+                cpu_secs: r1.cpu_secs - r0.cpu_secs,
+                evalsha_calls: calls,
+                usec_per_evalsha: r1.evalsha_usec.saturating_sub(r0.evalsha_usec) as f64
+                    / calls.max(1) as f64,
+            })
+        }
+        _ => None,
+    };
+    shared.finish.cancel();
+    for s in subs {
+        let _ = s.await;
+    }
+    let mut outcome = Outcome {
+        sent: shared.sent.load(Ordering::SeqCst),
+        refused: shared.refused.load(Ordering::SeqCst),
+        expected,
+        connections: total,
+        delivered: shared.delivered.load(Ordering::SeqCst),
+        duplicated: shared.duplicated.load(Ordering::SeqCst),
+        dropped: shared.dropped.load(Ordering::SeqCst),
+        window_secs: measured.as_secs_f64(),
+        server_cpu_secs: server_cpu,
+        bench_cpu_secs: bench_cpu,
+        redis,
+        ..Outcome::default()
+    };
+    outcome.lost = expected.saturating_sub(outcome.delivered);
+    outcome.deliveries_per_sec = outcome.delivered as f64 / window.as_secs_f64();
+    let h = shared
+        .histogram
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let ms = |v: u64| v as f64 / 1e6;
+    outcome.latency_ms = Latency {
+        p50: ms(h.value_at_quantile(0.50)),
+        p90: ms(h.value_at_quantile(0.90)),
+        p99: ms(h.value_at_quantile(0.99)),
+        p999: ms(h.value_at_quantile(0.999)),
+        max: ms(h.max()),
+    };
+    Ok(outcome)
+}
+
+async fn subscriber(mut reader: ws::Reader, mut writer: ws::Writer, shared: Arc<Shared>) {
+    let mut next_id = 1u64;
+    let Ok(mut local) = Histogram::<u64>::new_with_bounds(1_000, 120_000_000_000, 3) else {
+        return;
+    };
+    let mut pending = 0u32;
+    let finish = shared.finish.clone();
+    loop {
+        let frame = tokio::select! {
+            biased;
+            () = finish.cancelled() => break,
+            f = reader.next() => f,
+        };
+        let Ok(frame) = frame else {
+            shared.dropped.fetch_add(1, Ordering::Relaxed);
+            break;
+        };
+        match frame {
+            Frame::Text(t) if t.starts_with(br#"{"type":"message""#) => {
+                let now = now_ns();
+                let Some(id) = ws::find_u64(t, br#""id":"#) else {
+                    continue;
+                };
+                if id >= next_id {
+                    // id > next_id is a gap: the missing ids count as lost.
+                    next_id = id + 1;
+                    shared.delivered.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    shared.duplicated.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(sent) = ws::find_u64(t, br#""text":"~"#) {
+                    let _ = local.record(now.saturating_sub(sent).max(1_000));
+                    pending += 1;
+                    // Merge into the shared histogram now and then, not per message.
+                    if pending >= 256 {
+                        pending = 0;
+                        if let Ok(mut g) = shared.histogram.lock() {
+                            let _ = g.add(&local);
+                        }
+                        local.reset();
+                    }
+                }
+            }
+            Frame::Text(t) if t.starts_with(br#"{"type":"joined""#) => {
+                shared.joined.fetch_add(1, Ordering::SeqCst);
+                shared.joined_wake.notify_waiters();
+            }
+            Frame::Text(_) => {}
+            Frame::Ping(p) => {
+                let _ = writer.pong(&p).await;
+            }
+            Frame::Close(_) => {
+                shared.dropped.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+        }
+    }
+    if let Ok(mut g) = shared.histogram.lock() {
+        let _ = g.add(&local);
+    }
+    let _ = writer.close().await;
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn publisher(
+    mut reader: ws::Reader,
+    mut writer: ws::Writer,
+    shared: Arc<Shared>,
+    room: usize,
+    room_name: String,
+    rate: f64,
+    size: usize,
+) {
+    // Wait for our own `joined`, then for the start.
+    loop {
+        match reader.next().await {
+            Ok(Frame::Text(t)) if t.starts_with(br#"{"type":"joined""#) => break,
+            Ok(_) => {}
+            Err(_) => return,
+        }
+    }
+    let go = shared.go.notified();
+    tokio::pin!(go);
+    go.as_mut().enable();
+    shared.joined.fetch_add(1, Ordering::SeqCst);
+    shared.joined_wake.notify_waiters();
+    if !shared.started.load(Ordering::SeqCst) {
+        go.await;
+    }
+    let period = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    // Spread publishers' first sends over one period.
+    let offset = period.mul_f64(fastrand::f64());
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let head = format!(r#"{{"type":"send","room":"{room_name}","text":"~"#);
+    let mut frame = Vec::with_capacity(size + 64);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                if shared.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                frame.clear();
+                frame.extend_from_slice(head.as_bytes());
+                let stamp = now_ns().to_string();
+                frame.extend_from_slice(stamp.as_bytes());
+                frame.push(b'|');
+                let pad = size.saturating_sub(stamp.len() + 2);
+                frame.extend(std::iter::repeat_n(b'x', pad));
+                frame.extend_from_slice(br#""}"#);
+                if writer.text(&frame).await.is_err() {
+                    break;
+                }
+                shared.sent.fetch_add(1, Ordering::Relaxed);
+                shared.stored[room].fetch_add(1, Ordering::Relaxed);
+            }
+            next = reader.next() => match next {
+                Ok(Frame::Text(t)) if t.starts_with(br#"{"type":"error""#) => {
+                    shared.refused.fetch_add(1, Ordering::Relaxed);
+                    shared.stored[room].fetch_sub(1, Ordering::Relaxed);
+                }
+                Ok(Frame::Ping(p)) => {
+                    let _ = writer.pong(&p).await;
+                }
+                Ok(Frame::Close(_)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+    // Keep reading a moment so late refusals are counted and our echo does not back up.
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            match reader.next().await {
+                Ok(Frame::Text(t)) if t.starts_with(br#"{"type":"error""#) => {
+                    shared.refused.fetch_add(1, Ordering::Relaxed);
+                    shared.stored[room].fetch_sub(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    })
+    .await;
+    let _ = writer.close().await;
+}

@@ -1,0 +1,494 @@
+//! `chat-bench`: the load tool for chat-gateway.
+//!
+//! ```text
+//! chat-bench fanout --spawn 2 --rooms 1 --subs 1000 --pubs 10 --rate 200 --duration 20
+//! chat-bench ramp   --spawn 2 --subs 1000 --pubs 10 --start-rate 50 --p99-ms 25
+//! chat-bench idle   --spawn 1 --connections 15000
+//! chat-bench churn  --spawn 1 --rate 200 --duration 30
+//! chat-bench fanout --url ws://127.0.0.1:4444 --url ws://127.0.0.1:4445 --pid 123 --pid 456
+//! ```
+//! Every report prints the tool's own CPU time next to the servers', so a saturated load
+//! generator is visible.
+
+// A binary: `pub` marks what a module offers the rest of the tool.
+#![allow(clippy::cast_precision_loss, unreachable_pub)]
+
+mod fanout;
+mod idle;
+mod sys;
+mod ws;
+
+use std::{net::IpAddr, time::Duration};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+#[derive(Parser, Debug)]
+#[command(name = "chat-bench", version, about = "Load tool for chat-gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// R rooms × S subscribers × P publishers at a paced total rate: latency, loss, CPU.
+    Fanout {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        shape: Shape,
+        /// Messages per second, all publishers together.
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+    },
+    /// Fan-out at increasing rates: the highest rate with zero loss and p99 under a bound.
+    Ramp {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        shape: Shape,
+        /// First rate (messages per second, all publishers).
+        #[arg(long, default_value_t = 100.0)]
+        start_rate: f64,
+        /// Each step multiplies the rate by this.
+        #[arg(long, default_value_t = 1.5)]
+        factor: f64,
+        /// Stop at this rate.
+        #[arg(long, default_value_t = 1_000_000.0)]
+        max_rate: f64,
+        /// The p99 bound, milliseconds.
+        #[arg(long, default_value_t = 25.0)]
+        p99_ms: f64,
+    },
+    /// Opens C idle connections and reports the servers' RSS per connection.
+    Idle {
+        #[command(flatten)]
+        common: Common,
+        /// Connections to open.
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// Rooms they are spread over.
+        #[arg(long, default_value_t = 100)]
+        rooms: usize,
+        /// Seconds to wait before reading RSS.
+        #[arg(long, default_value_t = 2)]
+        settle: u64,
+    },
+    /// Connect → join → leave → disconnect at a rate: errors and RSS before/after.
+    Churn {
+        #[command(flatten)]
+        common: Common,
+        /// Cycles per second.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// Seconds.
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+        /// Seconds to wait before reading RSS at the end.
+        #[arg(long, default_value_t = 2)]
+        settle: u64,
+    },
+}
+
+#[derive(Args, Debug)]
+struct Common {
+    /// A gateway to load (repeat for several instances; connections go round-robin).
+    #[arg(long = "url")]
+    urls: Vec<String>,
+    /// Start a private redis-server and this many gateways instead of using --url.
+    #[arg(long)]
+    spawn: Option<usize>,
+    /// With --spawn 1: no Redis, the gateway's in-process bus.
+    #[arg(long)]
+    embedded: bool,
+    /// The gateway binary for --spawn (default: next to this tool).
+    #[arg(long)]
+    gateway_bin: Option<String>,
+    /// Extra environment for spawned gateways, KEY=VALUE (repeatable).
+    #[arg(long = "env")]
+    envs: Vec<String>,
+    /// Server process ids to measure CPU and RSS of when not spawning (repeatable).
+    #[arg(long = "pid")]
+    pids: Vec<u32>,
+    /// Local addresses to connect from, round-robin (e.g. 127.0.0.2; repeatable).
+    #[arg(long = "source-ip")]
+    sources: Vec<IpAddr>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Shape {
+    /// Rooms.
+    #[arg(long, default_value_t = 1)]
+    rooms: usize,
+    /// Subscribers per room.
+    #[arg(long, default_value_t = 100)]
+    subs: usize,
+    /// Publishers per room.
+    #[arg(long, default_value_t = 10)]
+    pubs: usize,
+    /// Seconds of publishing.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Bytes of text per message.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+}
+
+/// The servers being measured.
+struct Setup {
+    targets: Vec<ws::Target>,
+    pids: Vec<u32>,
+    deployment: Option<sys::Deployment>,
+    description: String,
+}
+
+async fn setup(common: &Common) -> anyhow::Result<Setup> {
+    let fd_limit = sys::raise_fd_limit();
+    if let Some(n) = common.spawn {
+        let bin = match &common.gateway_bin {
+            Some(b) => b.clone(),
+            None => std::env::current_exe()?
+                .with_file_name("chat-gateway")
+                .to_string_lossy()
+                .into_owned(),
+        };
+        let env = common
+            .envs
+            .iter()
+            .map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .with_context(|| format!("--env {kv}: expected KEY=VALUE"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if common.embedded && n != 1 {
+            bail!("--embedded runs exactly one gateway");
+        }
+        let d = sys::Deployment::spawn(n, &bin, common.embedded, &env).await?;
+        let targets = d
+            .urls()
+            .iter()
+            .map(|u| ws::Target::parse(u))
+            .collect::<Result<_, _>>()?;
+        let description = format!(
+            "{n} spawned gateway(s) on {}; open-file limit {fd_limit}",
+            if common.embedded {
+                "the in-process bus"
+            } else {
+                "a private redis-server"
+            }
+        );
+        Ok(Setup {
+            targets,
+            pids: d.pids(),
+            deployment: Some(d),
+            description,
+        })
+    } else {
+        if common.urls.is_empty() {
+            bail!("give --url (one per instance) or --spawn N");
+        }
+        let targets = common
+            .urls
+            .iter()
+            .map(|u| ws::Target::parse(u))
+            .collect::<Result<_, _>>()?;
+        Ok(Setup {
+            targets,
+            pids: common.pids.clone(),
+            deployment: None,
+            description: format!("{} gateway(s) by URL", common.urls.len()),
+        })
+    }
+}
+
+fn bar(total: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    if let Ok(style) =
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+    {
+        pb.set_style(style);
+    }
+    pb.set_message(what.to_owned());
+    pb
+}
+
+fn print<T: Serialize>(
+    json: bool,
+    value: &T,
+    table: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        println!("{}", table());
+    }
+    Ok(())
+}
+
+fn fanout_table(shape: &Shape, rate: f64, setup: &Setup, o: &fanout::Outcome) -> String {
+    let per = |secs: f64| {
+        if o.delivered == 0 {
+            "-".to_owned()
+        } else {
+            format!("{:.2} µs per delivery", secs * 1e6 / o.delivered as f64)
+        }
+    };
+    let redis = o.redis.as_ref().map_or("-".to_owned(), |r| {
+        format!(
+            "{:.2} s CPU; {} EVALSHA at {:.1} µs each; {:.2} µs CPU per published message",
+            r.cpu_secs,
+            r.evalsha_calls,
+            r.usec_per_evalsha,
+            r.cpu_secs * 1e6 / o.sent.max(1) as f64
+        )
+    });
+    format!(
+        "fanout: {} room(s) × {} subscribers × {} publishers, {rate} msg/s for {} s, {} B text\n\
+         servers        {}\n\
+         connections    {}\n\
+         sent           {}   refused {}\n\
+         expected       {}\n\
+         delivered      {}\n\
+         lost           {}\n\
+         duplicated     {}   dropped connections {}\n\
+         deliveries/s   {:.0}\n\
+         latency ms     p50 {:.2}   p90 {:.2}   p99 {:.2}   p99.9 {:.2}   max {:.2}\n\
+         server CPU     {:.2} s over {:.1} s ({})\n\
+         redis          {}\n\
+         bench CPU      {:.2} s ({})",
+        shape.rooms,
+        shape.subs,
+        shape.pubs,
+        shape.duration,
+        shape.size,
+        setup.description,
+        o.connections,
+        o.sent,
+        o.refused,
+        o.expected,
+        o.delivered,
+        o.lost,
+        o.duplicated,
+        o.dropped,
+        o.deliveries_per_sec,
+        o.latency_ms.p50,
+        o.latency_ms.p90,
+        o.latency_ms.p99,
+        o.latency_ms.p999,
+        o.latency_ms.max,
+        o.server_cpu_secs,
+        o.window_secs,
+        per(o.server_cpu_secs),
+        redis,
+        o.bench_cpu_secs,
+        per(o.bench_cpu_secs),
+    )
+}
+
+async fn fanout_once(
+    setup: &Setup,
+    common: &Common,
+    shape: &Shape,
+    rate: f64,
+    quiet: bool,
+) -> anyhow::Result<fanout::Outcome> {
+    let plan = fanout::Plan {
+        targets: setup.targets.clone(),
+        sources: common.sources.clone(),
+        rooms: shape.rooms,
+        subs: shape.subs,
+        pubs: shape.pubs,
+        rate,
+        duration: Duration::from_secs(shape.duration),
+        size: shape.size,
+        run_id: format!("b{:08x}", fastrand::u32(..)),
+    };
+    let meters = fanout::Meters {
+        server_pids: &setup.pids,
+        redis: setup.deployment.as_ref().and_then(|d| d.admin.as_ref()),
+    };
+    let expected_sends = (rate * shape.duration as f64) as u64;
+    let pb = if quiet {
+        ProgressBar::hidden()
+    } else {
+        bar(expected_sends, "sent")
+    };
+    let outcome = fanout::run(&plan, &meters, |sent, delivered| {
+        pb.set_position(sent);
+        pb.set_message(format!("sent, {delivered} delivered"));
+    })
+    .await;
+    pb.finish_and_clear();
+    outcome
+}
+
+#[derive(Serialize)]
+struct RampStep {
+    rate: f64,
+    outcome: fanout::Outcome,
+    ok: bool,
+}
+
+#[derive(Serialize)]
+struct RampReport {
+    p99_bound_ms: f64,
+    best_rate: Option<f64>,
+    steps: Vec<RampStep>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Fanout {
+            common,
+            shape,
+            rate,
+        } => {
+            let setup = setup(&common).await?;
+            let o = fanout_once(&setup, &common, &shape, rate, common.json).await?;
+            print(common.json, &o, || fanout_table(&shape, rate, &setup, &o))?;
+        }
+        Command::Ramp {
+            common,
+            shape,
+            start_rate,
+            factor,
+            max_rate,
+            p99_ms,
+        } => {
+            let setup = setup(&common).await?;
+            let mut report = RampReport {
+                p99_bound_ms: p99_ms,
+                best_rate: None,
+                steps: Vec::new(),
+            };
+            let mut rate = start_rate;
+            while rate <= max_rate {
+                let o = fanout_once(&setup, &common, &shape, rate, true).await?;
+                let ok = o.lost == 0 && o.duplicated == 0 && o.latency_ms.p99 <= p99_ms;
+                if !common.json {
+                    println!(
+                        "rate {rate:>9.0} msg/s  deliveries/s {:>9.0}  p50 {:>7.2}  p99 {:>8.2}  max {:>8.2} ms  lost {:>6}  server CPU {:.2} µs/delivery  bench CPU {:.2} µs/delivery  {}",
+                        o.deliveries_per_sec,
+                        o.latency_ms.p50,
+                        o.latency_ms.p99,
+                        o.latency_ms.max,
+                        o.lost,
+                        o.server_cpu_secs * 1e6 / o.delivered.max(1) as f64,
+                        o.bench_cpu_secs * 1e6 / o.delivered.max(1) as f64,
+                        if ok { "ok" } else { "over" }
+                    );
+                }
+                if ok {
+                    report.best_rate = Some(rate);
+                }
+                report.steps.push(RampStep {
+                    rate,
+                    outcome: o,
+                    ok,
+                });
+                if !ok {
+                    break;
+                }
+                rate *= factor;
+            }
+            print(common.json, &report, || match report.best_rate {
+                Some(r) => format!(
+                    "knee: {r:.0} msg/s ({:.0} deliveries/s) is the highest rate with zero loss and p99 ≤ {p99_ms} ms",
+                    r * shape.subs as f64
+                ),
+                None => format!("no rate met zero loss and p99 ≤ {p99_ms} ms"),
+            })?;
+        }
+        Command::Idle {
+            common,
+            connections,
+            rooms,
+            settle,
+        } => {
+            let setup = setup(&common).await?;
+            let pb = if common.json {
+                ProgressBar::hidden()
+            } else {
+                bar(connections as u64, "connected")
+            };
+            let o = idle::idle(
+                &setup.targets,
+                &common.sources,
+                connections,
+                rooms,
+                Duration::from_secs(settle),
+                &setup.pids,
+                |n| pb.set_position(n as u64),
+            )
+            .await?;
+            pb.finish_and_clear();
+            print(common.json, &o, || {
+                format!(
+                    "idle: {} connections over {rooms} rooms ({})\n\
+                     server RSS     {} KiB → {} KiB\n\
+                     per connection {:.2} KiB\n\
+                     connect time   {:.1} s\n\
+                     bench RSS      {} KiB",
+                    o.connections,
+                    setup.description,
+                    o.rss_before_kib,
+                    o.rss_after_kib,
+                    o.kib_per_connection,
+                    o.connect_secs,
+                    o.bench_rss_kib
+                )
+            })?;
+        }
+        Command::Churn {
+            common,
+            rate,
+            duration,
+            settle,
+        } => {
+            let setup = setup(&common).await?;
+            let pb = if common.json {
+                ProgressBar::hidden()
+            } else {
+                bar((rate * duration as f64) as u64, "cycles")
+            };
+            let o = idle::churn(
+                &setup.targets,
+                &common.sources,
+                rate,
+                Duration::from_secs(duration),
+                Duration::from_secs(settle),
+                &setup.pids,
+                |done, errors| {
+                    pb.set_position(done);
+                    pb.set_message(format!("cycles, {errors} errors"));
+                },
+            )
+            .await?;
+            pb.finish_and_clear();
+            print(common.json, &o, || {
+                format!(
+                    "churn: {rate} cycles/s for {duration} s ({})\n\
+                     cycles         {} ({:.0}/s)\n\
+                     errors         {}\n\
+                     server RSS     {} KiB → {} KiB",
+                    setup.description,
+                    o.cycles,
+                    o.cycles_per_sec,
+                    o.errors,
+                    o.rss_before_kib,
+                    o.rss_after_kib
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
