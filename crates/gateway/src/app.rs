@@ -129,6 +129,8 @@ impl App {
                     timeout: config.redis_timeout,
                     probe_interval: config.pubsub_probe,
                     instance_id: config.instance_id.clone(),
+                    tls_insecure: config.redis_tls_insecure,
+                    tls_ca_file: config.redis_tls_ca_file.clone(),
                 };
                 AnyBus::Redis(RedisBus::connect(&settings, hub.clone())?)
             }

@@ -81,6 +81,11 @@ pub struct Config {
     pub redis_timeout: Duration,
     /// Interval of the pub/sub delivery self-probe (`PUBSUB_PROBE_SECS`, default 5; 0 = off).
     pub pubsub_probe: Option<Duration>,
+    /// With `rediss://`: do not verify the server certificate (`REDIS_TLS_INSECURE`,
+    /// default false). For Heroku's self-signed Key-Value Store only.
+    pub redis_tls_insecure: bool,
+    /// With `rediss://`: trust this PEM CA file instead of the system roots (`REDIS_TLS_CA_FILE`).
+    pub redis_tls_ca_file: Option<String>,
     /// How long shutdown waits for connections to close (`SHUTDOWN_GRACE_SECS`, default 25).
     pub shutdown_grace: Duration,
     /// This instance's id in `welcome` and logs (`INSTANCE_ID`; default `DYNO`, else hostname + suffix).
@@ -114,6 +119,8 @@ struct Raw {
     write_coalesce_ms: Option<u64>,
     redis_timeout_ms: Option<u64>,
     pubsub_probe_secs: Option<u64>,
+    redis_tls_insecure: Option<String>,
+    redis_tls_ca_file: Option<String>,
     shutdown_grace_secs: Option<u64>,
     instance_id: Option<String>,
     dyno: Option<String>,
@@ -177,6 +184,11 @@ impl Config {
                 ));
             }
         }
+        let redis_tls_insecure = match raw.redis_tls_insecure.as_deref() {
+            None | Some("false" | "0" | "no") => false,
+            Some("true" | "1" | "yes") => true,
+            Some(_) => return Err(invalid("REDIS_TLS_INSECURE", "must be true or false")),
+        };
         let default_room = raw.default_room.as_deref().unwrap_or("general");
         let default_room =
             RoomName::new(default_room).map_err(|e| invalid("DEFAULT_ROOM", &e.to_string()))?;
@@ -286,6 +298,8 @@ impl Config {
             write_timeout,
             write_coalesce: Duration::from_millis(write_coalesce),
             redis_timeout: Duration::from_millis(redis_timeout),
+            redis_tls_insecure,
+            redis_tls_ca_file: raw.redis_tls_ca_file,
             pubsub_probe: match raw.pubsub_probe_secs.unwrap_or(5) {
                 0 => None,
                 secs => Some(Duration::from_secs(secs)),
@@ -336,6 +350,8 @@ impl fmt::Debug for Config {
             .field("write_coalesce", &self.write_coalesce)
             .field("redis_timeout", &self.redis_timeout)
             .field("pubsub_probe", &self.pubsub_probe)
+            .field("redis_tls_insecure", &self.redis_tls_insecure)
+            .field("redis_tls_ca_file", &self.redis_tls_ca_file)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("instance_id", &self.instance_id)
             .field("log_format", &self.log_format)

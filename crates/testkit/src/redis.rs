@@ -49,6 +49,59 @@ impl RedisServer {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("redis-server did not start")))
     }
 
+    /// Starts a redis-server that speaks only TLS, with a certificate for `localhost` and
+    /// 127.0.0.1 issued by a private CA made for the occasion. Returns the server and the
+    /// CA certificate's PEM file; [`RedisServer::url`] is then `rediss://`.
+    pub async fn start_tls() -> anyhow::Result<(Self, PathBuf)> {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir()?;
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate()?;
+        let params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+        let cert = params.signed_by(&key, &issuer)?;
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca_cert.pem())?;
+        std::fs::write(dir.path().join("server.pem"), cert.pem())?;
+        std::fs::write(dir.path().join("server.key"), key.serialize_pem())?;
+        let d = dir.path().display().to_string();
+        let mut server = RedisServer {
+            child: None,
+            port: 0,
+            dir,
+            extra: Vec::new(),
+            sentinel: false,
+        };
+        let mut last = None;
+        for _ in 0..5 {
+            server.port = free_port();
+            server.extra = vec![
+                "--tls-port".into(),
+                server.port.to_string(),
+                "--tls-cert-file".into(),
+                format!("{d}/server.pem"),
+                "--tls-key-file".into(),
+                format!("{d}/server.key"),
+                "--tls-ca-cert-file".into(),
+                format!("{d}/ca.pem"),
+                "--tls-auth-clients".into(),
+                "no".into(),
+                // The plain port is turned off: the last --port wins.
+                "--port".into(),
+                "0".into(),
+            ];
+            match server.spawn().await {
+                Ok(()) => return Ok((server, ca_file)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("TLS redis-server did not start")))
+    }
+
     /// Starts a Sentinel (on a free port) that monitors `primary` as `name`.
     pub async fn start_sentinel(primary: &RedisServer, name: &str) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
@@ -138,9 +191,14 @@ impl RedisServer {
         self.port
     }
 
-    /// `redis://127.0.0.1:PORT`
+    /// `redis://127.0.0.1:PORT` (`rediss://` for a TLS server).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.extra.iter().any(|a| a == "--tls-port") {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The data directory (append-only files live here).

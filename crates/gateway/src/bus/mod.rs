@@ -77,6 +77,9 @@ pub enum BusError {
     /// Redis returned data this gateway did not write.
     #[error("unexpected data in the message bus: {0}")]
     Corrupt(&'static str),
+    /// The TLS settings cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// The contract both buses implement.

@@ -34,6 +34,108 @@ use tracing::{error, warn};
 use super::{Bus, BusError, Epoch, EpochNotice, History, Msg, keys::Keys, new_epoch};
 use crate::hub::Hub;
 
+mod tls {
+    //! TLS to Redis beyond the system roots: a private CA, or (Heroku only) no verification.
+
+    use std::sync::Arc;
+
+    use rustls::{
+        ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+        client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        crypto::{CryptoProvider, ring},
+        pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
+    };
+
+    use super::{BusError, RedisSettings};
+
+    /// `None`: fred's default (system roots).
+    pub(super) fn client_config(s: &RedisSettings) -> Result<Option<ClientConfig>, BusError> {
+        let provider = Arc::new(ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|_| BusError::Tls("no usable TLS protocol version".into()))?;
+        if s.tls_insecure {
+            let verifier = Arc::new(AnyCertificate(provider));
+            return Ok(Some(
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(verifier)
+                    .with_no_client_auth(),
+            ));
+        }
+        let Some(path) = &s.tls_ca_file else {
+            return Ok(None);
+        };
+        let mut roots = RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| BusError::Tls(format!("REDIS_TLS_CA_FILE {path}: {e}")))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| BusError::Tls(format!("REDIS_TLS_CA_FILE {path}: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| BusError::Tls(format!("REDIS_TLS_CA_FILE {path}: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(BusError::Tls(format!(
+                "REDIS_TLS_CA_FILE {path}: no certificate"
+            )));
+        }
+        Ok(Some(
+            builder.with_root_certificates(roots).with_no_client_auth(),
+        ))
+    }
+
+    /// Accepts any server certificate (signatures are still checked, so the session is
+    /// encrypted to whoever holds the key). Only behind `REDIS_TLS_INSECURE=true`.
+    #[derive(Debug)]
+    struct AnyCertificate(Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for AnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+}
+
 /// KEYS: seq, history, epoch. ARGV: channel, head, middle, history size, publish command,
 /// epoch candidate, room. A counter that starts at 1 (a new room, or one whose data was
 /// lost) drops stale history, makes sure the room has an epoch (a join may have created
@@ -132,6 +234,10 @@ pub struct RedisSettings {
     pub probe_interval: Option<Duration>,
     /// Names this instance's probe channel.
     pub instance_id: String,
+    /// `rediss://` without certificate verification (Heroku).
+    pub tls_insecure: bool,
+    /// `rediss://` verified against this CA (PEM) instead of the system roots.
+    pub tls_ca_file: Option<String>,
 }
 
 impl RedisBus {
@@ -139,6 +245,13 @@ impl RedisBus {
     /// fails only on an unusable URL. [`Bus::is_ready`] tells when Redis is reachable.
     pub fn connect(settings: &RedisSettings, hub: Arc<Hub>) -> Result<Self, BusError> {
         let mut config = FredConfig::from_url(&settings.url)?;
+        if config.tls.is_some() {
+            if let Some(tls) = tls::client_config(settings)? {
+                config.tls = Some(fred::types::config::TlsConnector::from(tls).into());
+            }
+        } else if settings.tls_insecure || settings.tls_ca_file.is_some() {
+            warn!("REDIS_TLS_* is set but REDIS_URL is not rediss://: ignored");
+        }
         // Keep retrying a Redis that is down at start-up instead of exiting: `/readyz`
         // says 503 meanwhile.
         config.fail_fast = false;

@@ -503,3 +503,26 @@ async fn a_silent_subscription_is_detected_by_the_probe_and_backfilled() -> anyh
     ensure!(ids == (1..=N).collect::<Vec<_>>(), "on_b saw {ids:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca_or_the_heroku_opt_in() -> anyhow::Result<()> {
+    let (redis, ca) = RedisServer::start_tls().await?;
+    let url = redis.url();
+    assert!(url.starts_with("rediss://"));
+    // By default the certificate is verified against the system roots, which do not
+    // know this CA: the connection is refused.
+    let plain = Builder::from_config(Config::from_url(&url)?).build()?;
+    assert!(
+        plain.init().await.is_err(),
+        "an unknown CA must not be trusted by default"
+    );
+    let ca = ca.to_string_lossy().into_owned();
+    let verified = TestGateway::with_redis(&url, &[("REDIS_TLS_CA_FILE", &ca)]).await?;
+    let insecure = TestGateway::with_redis(&url, &[("REDIS_TLS_INSECURE", "true")]).await?;
+    let (mut a, _) = connect(&verified, "?room=tls", "tls").await?;
+    let (mut b, _) = connect(&insecure, "?room=tls", "tls").await?;
+    a.say("tls", "over TLS", None).await?;
+    assert_eq!(a.recv_message().await?.text, "over TLS");
+    assert_eq!(b.recv_message().await?.id, 1);
+    Ok(())
+}
