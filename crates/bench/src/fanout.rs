@@ -39,6 +39,9 @@ pub struct Plan {
     pub size: usize,
     /// Prefix making this run's room names unique.
     pub run_id: String,
+    /// Put every connection of a room on the same instance (room r → instance r mod n)
+    /// instead of spreading each room over all of them.
+    pub room_affinity: bool,
 }
 
 /// What a run measured.
@@ -165,17 +168,19 @@ pub async fn run(
     // Connect everything, a room at a time, spreading connections over targets.
     for room in 0..plan.rooms {
         let name = format!("{}-{room}", plan.run_id);
+        let pick = |n: usize| {
+            let i = if plan.room_affinity { room } else { n };
+            &plan.targets[i % plan.targets.len()]
+        };
         for _ in 0..plan.subs {
-            let target =
-                plan.targets[n % plan.targets.len()].with_path(&format!("/ws?room={name}"));
+            let target = pick(n).with_path(&format!("/ws?room={name}"));
             let source = (!plan.sources.is_empty()).then(|| plan.sources[n % plan.sources.len()]);
             n += 1;
             let (reader, writer) = ws::connect(&target, source).await?;
             subs.push(tokio::spawn(subscriber(reader, writer, shared.clone())));
         }
         for p in 0..plan.pubs {
-            let target = plan.targets[n % plan.targets.len()]
-                .with_path(&format!("/ws?room={name}&username=pub{p}"));
+            let target = pick(n).with_path(&format!("/ws?room={name}&username=pub{p}"));
             let source = (!plan.sources.is_empty()).then(|| plan.sources[n % plan.sources.len()]);
             n += 1;
             let (reader, writer) = ws::connect(&target, source).await?;

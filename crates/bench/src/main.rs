@@ -138,6 +138,9 @@ struct Shape {
     /// Bytes of text per message.
     #[arg(long, default_value_t = 64)]
     size: usize,
+    /// Keep each room on one instance (room r → instance r mod n).
+    #[arg(long)]
+    room_affinity: bool,
 }
 
 /// The servers being measured.
@@ -309,6 +312,7 @@ async fn fanout_once(
         duration: Duration::from_secs(shape.duration),
         size: shape.size,
         run_id: format!("b{:08x}", fastrand::u32(..)),
+        room_affinity: shape.room_affinity,
     };
     let meters = fanout::Meters {
         server_pids: &setup.pids,
