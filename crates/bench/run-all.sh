@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Benchmark runs for BENCHMARKS.md; outputs in artifacts/bench/.
+# Needs `cargo build --release` first.
+set -u
+cd "$(dirname "$0")/../.."
+B=./target/release/chat-bench
+O=artifacts/bench
+mkdir -p "$O"
+for i in 1 2 3; do
+  $B idle --spawn 1 --connections 15000 --rooms 100 > $O/idle-$i.txt 2>&1
+done
+for i in 1 2 3; do
+  $B fanout --spawn 1 --rooms 1 --subs 100 --pubs 10 --rate 500 --duration 10 > $O/cpu-redis-$i.txt 2>&1
+  $B fanout --spawn 1 --embedded --rooms 1 --subs 100 --pubs 10 --rate 500 --duration 10 > $O/cpu-embedded-$i.txt 2>&1
+  $B fanout --spawn 1 --env WRITE_COALESCE_MS=10 --rooms 1 --subs 100 --pubs 10 --rate 500 --duration 10 > $O/cpu-redis-coalesce10-$i.txt 2>&1
+done
+for i in 1 2 3; do
+  $B fanout --spawn 2 --rooms 1 --subs 1000 --pubs 10 --rate 200 --duration 15 > $O/p99-1000subs-$i.txt 2>&1
+  $B fanout --spawn 2 --env WRITE_COALESCE_MS=10 --rooms 1 --subs 1000 --pubs 10 --rate 200 --duration 15 > $O/p99-1000subs-coalesce10-$i.txt 2>&1
+done
+for i in 1 2 3; do
+  $B fanout --spawn 2 --rooms 1000 --subs 10 --pubs 1 --rate 10000 --duration 15 --room-affinity > $O/rooms1000-affinity-$i.txt 2>&1
+done
+$B fanout --spawn 2 --rooms 1000 --subs 10 --pubs 1 --rate 10000 --duration 15 > $O/rooms1000-spread-1.txt 2>&1
+$B ramp --spawn 2 --rooms 1 --subs 1000 --pubs 10 --start-rate 50 --factor 1.5 --duration 8 --p99-ms 25 > $O/ramp-1000subs.txt 2>&1
+$B churn --spawn 1 --rate 200 --duration 20 > $O/churn-1.txt 2>&1
+echo done > $O/DONE
