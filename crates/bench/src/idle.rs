@@ -82,6 +82,9 @@ pub async fn idle(
     let stop = CancellationToken::new();
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(count);
+    // When no source is given and one loopback address runs out of ports, continue from
+    // 127.0.0.2, 127.0.0.3, ...
+    let auto_source = Arc::new(std::sync::atomic::AtomicU8::new(1));
     // Open in waves, so the server is not handed 15,000 handshakes at once.
     let wave = 200;
     for chunk in (0..count).collect::<Vec<_>>().chunks(wave) {
@@ -89,11 +92,30 @@ pub async fn idle(
         for &i in chunk {
             let target = targets[i % targets.len()]
                 .with_path(&format!("/ws?room=idle-{}", i % rooms.max(1)));
-            let source = (!sources.is_empty()).then(|| sources[i % sources.len()]);
+            let fixed = (!sources.is_empty()).then(|| sources[i % sources.len()]);
+            let auto = auto_source.clone();
             opening.push(tokio::spawn(async move {
-                let (mut reader, writer) = ws::connect(&target, source).await?;
-                until_joined(&mut reader).await?;
-                Ok::<_, anyhow::Error>((reader, writer))
+                loop {
+                    let step = auto.load(Ordering::Relaxed);
+                    let source = fixed.or_else(|| {
+                        (step > 1 && target.addr.is_ipv4()).then(|| IpAddr::from([127, 0, 0, step]))
+                    });
+                    match ws::connect(&target, source).await {
+                        Ok((mut reader, writer)) => {
+                            until_joined(&mut reader).await?;
+                            return Ok::<_, anyhow::Error>((reader, writer));
+                        }
+                        Err(e) if fixed.is_none() && is_out_of_ports(&e) && step < 250 => {
+                            let _ = auto.compare_exchange(
+                                step,
+                                step + 1,
+                                Ordering::Relaxed,
+                                Ordering::Relaxed,
+                            );
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
             }));
         }
         for o in opening {
@@ -118,6 +140,11 @@ pub async fn idle(
         let _ = t.await;
     }
     Ok(outcome)
+}
+
+fn is_out_of_ports(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrNotAvailable)
 }
 
 /// The result of `churn`.

@@ -485,9 +485,9 @@ async fn replay_larger_than_the_client_queue_is_flow_controlled(env: Env) -> any
 async fn a_slow_client_is_closed_with_1013_and_never_delays_the_room(
     env: Env,
 ) -> anyhow::Result<()> {
-    // 8,000 messages of 3 KB (24 MB) outgrow the slow client's queue and every socket
+    // 20,000 messages of 1.2 KB (24 MB) outgrow the slow client's queue and every socket
     // buffer between us, whatever the kernel's autotuning does.
-    const N: u64 = 8_000;
+    const N: u64 = 20_000;
     let gw = env
         .gateway(&[
             ("CLIENT_QUEUE", "256"),
@@ -500,7 +500,7 @@ async fn a_slow_client_is_closed_with_1013_and_never_delays_the_room(
     let (mut publisher, _) = connect(&gw, "?room=other", "other").await?;
     publisher.join("flood", None).await?;
     publisher.until_joined("flood").await?;
-    let text = "z".repeat(3000);
+    let text = "z".repeat(1200);
     // At most 32 sends in flight: a fast reader keeps up with that, a stalled one cannot.
     let send = tokio::spawn(async move {
         let mut acked = 0;
