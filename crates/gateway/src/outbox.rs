@@ -73,6 +73,24 @@ struct State {
     closing: Option<CloseReason>,
 }
 
+impl State {
+    /// Moves up to `n` frames to `out`, releasing their live-message accounting.
+    fn drain_into(&mut self, out: &mut Vec<Utf8Bytes>, n: usize) -> usize {
+        let n = self.queue.len().min(n);
+        let (mut live, mut live_bytes) = (0, 0);
+        out.extend(self.queue.drain(..n).map(|e| {
+            if e.live {
+                live += 1;
+                live_bytes += e.frame.len();
+            }
+            e.frame
+        }));
+        self.live -= live;
+        self.live_bytes -= live_bytes;
+        n
+    }
+}
+
 /// A bounded, ordered outbound queue shared by the hub (producer), the session (producer)
 /// and the writer task (the only consumer).
 #[derive(Debug)]
@@ -205,19 +223,9 @@ impl Outbox {
         if st.closing.is_some() {
             return;
         }
-        let n = st.queue.len().min(max.saturating_sub(out.len()));
-        let (mut live, mut live_bytes) = (0, 0);
-        out.extend(st.queue.drain(..n).map(|e| {
-            if e.live {
-                live += 1;
-                live_bytes += e.frame.len();
-            }
-            e.frame
-        }));
-        st.live -= live;
-        st.live_bytes -= live_bytes;
+        let moved = st.drain_into(out, max.saturating_sub(out.len()));
         drop(st);
-        if n > 0 {
+        if moved > 0 {
             self.space.notify_one();
         }
     }
@@ -236,17 +244,7 @@ impl Outbox {
                     return Err(reason);
                 }
                 if !st.queue.is_empty() {
-                    let n = st.queue.len().min(max);
-                    let (mut live, mut live_bytes) = (0, 0);
-                    out.extend(st.queue.drain(..n).map(|e| {
-                        if e.live {
-                            live += 1;
-                            live_bytes += e.frame.len();
-                        }
-                        e.frame
-                    }));
-                    st.live -= live;
-                    st.live_bytes -= live_bytes;
+                    st.drain_into(out, max);
                     drop(st);
                     self.space.notify_one();
                     return Ok(());
