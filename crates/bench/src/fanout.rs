@@ -13,13 +13,15 @@ use std::{
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
+
+pub use crate::ws::Target;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::ws::{self, Frame, Target};
+use crate::ws::{self, Frame};
 
 /// One fan-out run's shape.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Plan {
     /// Gateways (connections are spread round-robin).
     pub targets: Vec<Target>,
@@ -42,6 +44,17 @@ pub struct Plan {
     /// Put every connection of a room on the same instance (room r → instance r mod n)
     /// instead of spreading each room over all of them.
     pub room_affinity: bool,
+    /// `(k, w)`: this process is worker k of w and drives rooms r with r mod w = k.
+    pub worker: Option<(usize, usize)>,
+}
+
+/// How the start of a run is coordinated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Barrier {
+    /// This process alone: start once every connection has joined.
+    Local,
+    /// A worker: print `READY` when joined, start on a `GO` line from stdin.
+    Stdio,
 }
 
 /// What a run measured.
@@ -144,8 +157,9 @@ struct Shared {
 pub async fn run(
     plan: &Plan,
     meters: &Meters<'_>,
+    barrier: Barrier,
     mut progress: impl FnMut(u64, u64),
-) -> anyhow::Result<Outcome> {
+) -> anyhow::Result<(Outcome, Histogram<u64>)> {
     let shared = Arc::new(Shared {
         joined: AtomicUsize::new(0),
         joined_wake: Notify::new(),
@@ -167,6 +181,11 @@ pub async fn run(
     let mut n = 0usize;
     // Connect everything, a room at a time, spreading connections over targets.
     for room in 0..plan.rooms {
+        if let Some((k, w)) = plan.worker
+            && room % w != k
+        {
+            continue;
+        }
         let name = format!("{}-{room}", plan.run_id);
         let pick = |n: usize| {
             let i = if plan.room_affinity { room } else { n };
@@ -212,6 +231,15 @@ pub async fn run(
     tokio::time::timeout(Duration::from_secs(120), wait_joined)
         .await
         .map_err(|_| anyhow::anyhow!("not every connection joined"))?;
+    if barrier == Barrier::Stdio {
+        use tokio::io::AsyncBufReadExt;
+        println!("READY");
+        let mut line = String::new();
+        tokio::io::BufReader::new(tokio::io::stdin())
+            .read_line(&mut line)
+            .await?;
+        anyhow::ensure!(line.trim() == "GO", "expected GO on stdin, got {line:?}");
+    }
 
     let me = std::process::id();
     let server_cpu0 = cpu_of(meters.server_pids);
@@ -287,16 +315,73 @@ pub async fn run(
     let h = shared
         .histogram
         .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?;
-    let ms = |v: u64| v as f64 / 1e6;
-    outcome.latency_ms = Latency {
-        p50: ms(h.value_at_quantile(0.50)),
-        p90: ms(h.value_at_quantile(0.90)),
-        p99: ms(h.value_at_quantile(0.99)),
-        p999: ms(h.value_at_quantile(0.999)),
-        max: ms(h.max()),
-    };
-    Ok(outcome)
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
+    outcome.latency_ms = Latency::of(&h);
+    Ok((outcome, h))
+}
+
+impl Latency {
+    /// Percentiles of a histogram of nanoseconds.
+    pub fn of(h: &Histogram<u64>) -> Latency {
+        let ms = |v: u64| v as f64 / 1e6;
+        Latency {
+            p50: ms(h.value_at_quantile(0.50)),
+            p90: ms(h.value_at_quantile(0.90)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+        }
+    }
+}
+
+/// What a worker process reports to the parent.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct WorkerResult {
+    /// Its counts.
+    pub outcome: OutcomeCounts,
+    /// Its latency histogram as (value, count) pairs.
+    pub histogram: Vec<(u64, u64)>,
+}
+
+/// The additive part of an [`Outcome`].
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+pub struct OutcomeCounts {
+    /// Messages sent.
+    pub sent: u64,
+    /// Sends refused.
+    pub refused: u64,
+    /// Deliveries expected.
+    pub expected: u64,
+    /// Deliveries received.
+    pub delivered: u64,
+    /// Duplicates or out-of-order deliveries.
+    pub duplicated: u64,
+    /// Subscribers dropped.
+    pub dropped: u64,
+    /// Connections opened.
+    pub connections: usize,
+}
+
+impl WorkerResult {
+    /// Packs a worker's outcome for the parent.
+    pub fn new(o: &Outcome, h: &Histogram<u64>) -> Self {
+        WorkerResult {
+            outcome: OutcomeCounts {
+                sent: o.sent,
+                refused: o.refused,
+                expected: o.expected,
+                delivered: o.delivered,
+                duplicated: o.duplicated,
+                dropped: o.dropped,
+                connections: o.connections,
+            },
+            histogram: h
+                .iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                .collect(),
+        }
+    }
 }
 
 async fn subscriber(mut reader: ws::Reader, mut writer: ws::Writer, shared: Arc<Shared>) {

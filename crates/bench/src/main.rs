@@ -16,6 +16,7 @@
 mod fanout;
 mod idle;
 mod sys;
+mod workers;
 mod ws;
 
 use std::{net::IpAddr, time::Duration};
@@ -43,6 +44,16 @@ enum Command {
         /// Messages per second, all publishers together.
         #[arg(long, default_value_t = 500.0)]
         rate: f64,
+        /// Drive the connections from this many processes (rooms are split between them).
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+    },
+    /// (internal) One worker process of `fanout --workers`.
+    #[command(hide = true)]
+    FanoutWorker {
+        /// The plan, as JSON.
+        #[arg(long)]
+        plan: String,
     },
     /// Fan-out at increasing rates: the highest rate with zero loss and p99 under a bound.
     Ramp {
@@ -302,6 +313,17 @@ async fn fanout_once(
     rate: f64,
     quiet: bool,
 ) -> anyhow::Result<fanout::Outcome> {
+    fanout_with(setup, common, shape, rate, quiet, 1).await
+}
+
+async fn fanout_with(
+    setup: &Setup,
+    common: &Common,
+    shape: &Shape,
+    rate: f64,
+    quiet: bool,
+    workers: usize,
+) -> anyhow::Result<fanout::Outcome> {
     let plan = fanout::Plan {
         targets: setup.targets.clone(),
         sources: common.sources.clone(),
@@ -313,24 +335,28 @@ async fn fanout_once(
         size: shape.size,
         run_id: format!("b{:08x}", fastrand::u32(..)),
         room_affinity: shape.room_affinity,
+        worker: None,
     };
     let meters = fanout::Meters {
         server_pids: &setup.pids,
         redis: setup.deployment.as_ref().and_then(|d| d.admin.as_ref()),
     };
+    if workers > 1 {
+        return workers::fanout(&plan, &meters, workers).await;
+    }
     let expected_sends = (rate * shape.duration as f64) as u64;
     let pb = if quiet {
         ProgressBar::hidden()
     } else {
         bar(expected_sends, "sent")
     };
-    let outcome = fanout::run(&plan, &meters, |sent, delivered| {
+    let outcome = fanout::run(&plan, &meters, fanout::Barrier::Local, |sent, delivered| {
         pb.set_position(sent);
         pb.set_message(format!("sent, {delivered} delivered"));
     })
     .await;
     pb.finish_and_clear();
-    outcome
+    outcome.map(|(o, _)| o)
 }
 
 #[derive(Serialize)]
@@ -355,10 +381,22 @@ async fn main() -> anyhow::Result<()> {
             common,
             shape,
             rate,
+            workers,
         } => {
             let setup = setup(&common).await?;
-            let o = fanout_once(&setup, &common, &shape, rate, common.json).await?;
+            let o = fanout_with(&setup, &common, &shape, rate, common.json, workers).await?;
             print(common.json, &o, || fanout_table(&shape, rate, &setup, &o))?;
+        }
+        Command::FanoutWorker { plan } => {
+            sys::raise_fd_limit();
+            let plan: fanout::Plan = serde_json::from_str(&plan)?;
+            let meters = fanout::Meters {
+                server_pids: &[],
+                redis: None,
+            };
+            let (o, h) = fanout::run(&plan, &meters, fanout::Barrier::Stdio, |_, _| {}).await?;
+            let result = fanout::WorkerResult::new(&o, &h);
+            println!("RESULT {}", serde_json::to_string(&result)?);
         }
         Command::Ramp {
             common,

@@ -15,7 +15,7 @@ use tokio::{
 };
 
 /// Where to connect: `ws://host:port/path?query`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Target {
     /// The server address.
     pub addr: SocketAddr,
