@@ -102,6 +102,19 @@ pub struct RedisDelta {
     pub usec_per_evalsha: f64,
 }
 
+impl RedisDelta {
+    /// What Redis spent between two readings.
+    pub fn between(r0: crate::sys::RedisStats, r1: crate::sys::RedisStats) -> Self {
+        let calls = r1.evalsha_calls.saturating_sub(r0.evalsha_calls);
+        RedisDelta {
+            cpu_secs: r1.cpu_secs - r0.cpu_secs,
+            evalsha_calls: calls,
+            usec_per_evalsha: r1.evalsha_usec.saturating_sub(r0.evalsha_usec) as f64
+                / calls.max(1) as f64,
+        }
+    }
+}
+
 /// Where to read CPU time from.
 pub struct Meters<'a> {
     /// Gateway process ids.
@@ -280,16 +293,7 @@ pub async fn run(
     let server_cpu = cpu_of(meters.server_pids) - server_cpu0;
     let bench_cpu = cpu_of(&[me]) - bench_cpu0;
     let redis = match (meters.redis, redis0) {
-        (Some(c), Some(r0)) => {
-            let r1 = crate::sys::redis_stats(c).await?;
-            let calls = r1.evalsha_calls.saturating_sub(r0.evalsha_calls);
-            Some(RedisDelta {
-                cpu_secs: r1.cpu_secs - r0.cpu_secs,
-                evalsha_calls: calls,
-                usec_per_evalsha: r1.evalsha_usec.saturating_sub(r0.evalsha_usec) as f64
-                    / calls.max(1) as f64,
-            })
-        }
+        (Some(c), Some(r0)) => Some(RedisDelta::between(r0, crate::sys::redis_stats(c).await?)),
         _ => None,
     };
     shared.finish.cancel();

@@ -82,16 +82,7 @@ pub async fn fanout(plan: &Plan, meters: &Meters<'_>, workers: usize) -> anyhow:
     let server1 = cpu(meters.server_pids);
     tool1 += cpu(&me);
     let redis = match (meters.redis, redis0) {
-        (Some(c), Some(r0)) => {
-            let r1 = sys::redis_stats(c).await?;
-            let calls = r1.evalsha_calls.saturating_sub(r0.evalsha_calls);
-            Some(RedisDelta {
-                cpu_secs: r1.cpu_secs - r0.cpu_secs,
-                evalsha_calls: calls,
-                usec_per_evalsha: r1.evalsha_usec.saturating_sub(r0.evalsha_usec) as f64
-                    / calls.max(1) as f64,
-            })
-        }
+        (Some(c), Some(r0)) => Some(RedisDelta::between(r0, sys::redis_stats(c).await?)),
         _ => None,
     };
     for mut child in children {
