@@ -287,7 +287,7 @@ impl Hub {
         room: &RoomName,
         conn: ConnId,
         bus: &B,
-    ) -> Option<impl Future<Output = ()> + Send + 'static> {
+    ) -> Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>> {
         let entry = {
             let rooms = lock(&self.rooms);
             let entry = rooms.get(room)?.clone();
@@ -300,7 +300,8 @@ impl Hub {
         };
         let hub = Arc::clone(self);
         let bus = bus.clone();
-        Some(async move { hub.release(entry, &bus).await })
+        // Boxed: the unsubscribe future is large (a Redis call), and callers hold it.
+        Some(Box::pin(async move { hub.release(entry, &bus).await }))
     }
 
     /// Unsubscribes an empty room and forgets it, unless someone joined meanwhile.

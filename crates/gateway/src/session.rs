@@ -341,10 +341,15 @@ impl Session {
         }
         self.rooms.push((room.clone(), false));
         let state = self.state.clone();
-        if let Err(err) = state
-            .hub
-            .join(&room, self.conn, self.outbox.clone(), &state.bus)
-            .await
+        // The bus calls are boxed: their futures are several KB each (fred inside), and
+        // inline they would make every frame's future (and so its box) that large.
+        if let Err(err) = Box::pin(state.hub.join(
+            &room,
+            self.conn,
+            self.outbox.clone(),
+            &state.bus,
+        ))
+        .await
         {
             warn!(%room, error = %err, "join failed");
             return self.abort_join(&room, err.to_string(), reference).await;
@@ -353,14 +358,14 @@ impl Session {
         let mut recovered = true;
         let mut first_pass = true;
         loop {
-            let mut history = state.bus.history(&room, since).await;
+            let mut history = Box::pin(state.bus.history(&room, since)).await;
             if let Ok(h) = &history
                 && since.is_some()
                 && epoch.is_some()
                 && h.epoch.as_deref() != epoch.as_deref()
             {
                 // `since` is from another epoch: the whole history, not a tail, is due.
-                history = state.bus.history(&room, None).await;
+                history = Box::pin(state.bus.history(&room, None)).await;
             }
             let history = match history {
                 Ok(h) => h,
@@ -469,7 +474,7 @@ impl Session {
             .or(self.username.as_ref())
             .map_or(ANONYMOUS, Username::as_str);
         let template = MessageTemplate::new(&room, username, &text);
-        match self.state.bus.publish(&room, &template).await {
+        match Box::pin(self.state.bus.publish(&room, &template)).await {
             Ok(id) => {
                 if let Some(reference) = reference {
                     let ack = ServerFrame::Ack {
