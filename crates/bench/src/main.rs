@@ -222,6 +222,15 @@ async fn setup(common: &Common) -> anyhow::Result<Setup> {
     }
 }
 
+/// A progress bar, or a hidden one when the output is JSON.
+fn progress(json: bool, total: u64, what: &str) -> ProgressBar {
+    if json {
+        ProgressBar::hidden()
+    } else {
+        bar(total, what)
+    }
+}
+
 fn bar(total: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(total);
     if let Ok(style) =
@@ -345,11 +354,7 @@ async fn fanout_with(
         return workers::fanout(&plan, &meters, workers).await;
     }
     let expected_sends = (rate * shape.duration as f64) as u64;
-    let pb = if quiet {
-        ProgressBar::hidden()
-    } else {
-        bar(expected_sends, "sent")
-    };
+    let pb = progress(quiet, expected_sends, "sent");
     let outcome = fanout::run(&plan, &meters, fanout::Barrier::Local, |sent, delivered| {
         pb.set_position(sent);
         pb.set_message(format!("sent, {delivered} delivered"));
@@ -457,11 +462,7 @@ async fn main() -> anyhow::Result<()> {
             settle,
         } => {
             let setup = setup(&common).await?;
-            let pb = if common.json {
-                ProgressBar::hidden()
-            } else {
-                bar(connections as u64, "connected")
-            };
+            let pb = progress(common.json, connections as u64, "connected");
             let o = idle::idle(
                 &setup.targets,
                 &common.sources,
@@ -497,11 +498,7 @@ async fn main() -> anyhow::Result<()> {
             settle,
         } => {
             let setup = setup(&common).await?;
-            let pb = if common.json {
-                ProgressBar::hidden()
-            } else {
-                bar((rate * duration as f64) as u64, "cycles")
-            };
+            let pb = progress(common.json, (rate * duration as f64) as u64, "cycles");
             let o = idle::churn(
                 &setup.targets,
                 &common.sources,

@@ -149,6 +149,18 @@ impl WsClient {
         }
     }
 
+    /// The next frame, which must be an `error`: its code and `ref`.
+    pub async fn recv_error(
+        &mut self,
+    ) -> anyhow::Result<(chat_protocol::ErrorCode, Option<String>)> {
+        match self.recv().await? {
+            ServerFrame::Error {
+                code, reference, ..
+            } => Ok((code, reference)),
+            other => bail!("expected an error, got {other:?}"),
+        }
+    }
+
     /// Reads `message` frames up to `joined` for `room`.
     pub async fn until_joined(&mut self, room: &str) -> anyhow::Result<Joined> {
         let mut messages = Vec::new();

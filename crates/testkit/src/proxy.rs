@@ -38,7 +38,10 @@ impl RedisProxy {
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let conn = Arc::new(Conn::default());
-                registry.lock().unwrap().push(conn.clone());
+                registry
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(conn.clone());
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(("127.0.0.1", target)).await {
                         pump(client, server, conn).await;
@@ -57,7 +60,7 @@ impl RedisProxy {
     /// Silences every subscriber connection open now; returns how many. New connections
     /// are not affected.
     pub fn silence_subscribers(&self) -> usize {
-        let conns = self.conns.lock().unwrap();
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         conns
             .iter()
             .filter(|c| c.subscriber.load(Ordering::SeqCst))
