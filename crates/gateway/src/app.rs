@@ -17,7 +17,7 @@ use std::{
 
 use axum::{
     Router,
-    extract::{Query, State, WebSocketUpgrade},
+    extract::{Query, State},
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::get,
@@ -36,12 +36,8 @@ use crate::{
     hub::{ConnId, Hub},
     session::{self, ConnectParams},
     web,
+    ws::{SharedListener, SharedTcp, Upgrade},
 };
-
-/// Initial read buffer per connection: chat frames are small, and it is allocated eagerly.
-const READ_BUFFER: usize = 1024;
-/// Bytes tungstenite gathers before writing to the socket (a flush always writes).
-const WRITE_BUFFER: usize = 8 * 1024;
 
 /// Start-up or serving failed.
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +127,7 @@ impl App {
                     instance_id: config.instance_id.clone(),
                     tls_insecure: config.redis_tls_insecure,
                     tls_ca_file: config.redis_tls_ca_file.clone(),
+                    write_coalesce: config.write_coalesce,
                 };
                 AnyBus::Redis(RedisBus::connect(&settings, hub.clone())?)
             }
@@ -206,7 +203,8 @@ impl App {
                 }
             }
         };
-        axum::serve(listener, router(state.clone()))
+        let service = router(state.clone()).into_make_service_with_connect_info::<SharedTcp>();
+        axum::serve(SharedListener(listener), service)
             .with_graceful_shutdown(drained)
             .await?;
         state.bus.shutdown().await;
@@ -227,7 +225,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 async fn ws(
-    upgrade: WebSocketUpgrade,
+    upgrade: Upgrade,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     State(state): State<Arc<AppState>>,
@@ -236,7 +234,7 @@ async fn ws(
 }
 
 async fn legacy_ws(
-    upgrade: WebSocketUpgrade,
+    upgrade: Upgrade,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     State(state): State<Arc<AppState>>,
@@ -254,7 +252,7 @@ impl Drop for ConnectionSlot {
 }
 
 fn accept(
-    upgrade: WebSocketUpgrade,
+    upgrade: Upgrade,
     query: HashMap<String, String>,
     headers: &HeaderMap,
     state: Arc<AppState>,
@@ -273,22 +271,12 @@ fn accept(
     if limit > 0 && open >= limit {
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
     }
-    // The session enforces MAX_FRAME_BYTES after reading a message whole, so the close
-    // (1009) is clean: a message cut off mid-way would leave unread bytes, and closing a
-    // socket with unread bytes resets it, losing the close frame. The hard limit, where
-    // tungstenite gives up reading, is four times larger.
-    let hard_limit = state.config.max_frame_bytes.saturating_mul(4);
     let task = state.tracker.token();
-    upgrade
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_message_size(hard_limit)
-        .max_frame_size(hard_limit)
-        .on_upgrade(move |socket| async move {
-            let _task = task;
-            let _slot = slot;
-            session::run(socket, state, ConnectParams::from_query(query), legacy).await;
-        })
+    upgrade.on_upgrade(move |socket| async move {
+        let _task = task;
+        let _slot = slot;
+        session::run(socket, state, ConnectParams::from_query(query), legacy).await;
+    })
 }
 
 async fn healthz() -> &'static str {

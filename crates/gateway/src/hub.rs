@@ -28,14 +28,14 @@ use std::{
     time::Duration,
 };
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use chat_protocol::RoomName;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::{
     bus::{Bus, BusError, Epoch, Msg},
-    outbox::{CloseReason, LivePush, Outbox},
+    outbox::{CloseReason, Dirty, LivePush, Outbox},
 };
 
 /// A connection's id, unique within this instance.
@@ -93,13 +93,15 @@ struct RoomState {
 }
 
 impl RoomState {
-    /// Gives `msg` to a live member if it is the next id it needs; reports a gap.
-    fn deliver(member: &mut Member, msg: &Msg) -> Delivery {
+    /// Gives `msg` to a live member if it is the next id it needs; reports a gap. The
+    /// member's outbox is listed in `dirty` for the caller to flush.
+    fn deliver(member: &mut Member, msg: &Msg, dirty: &mut Dirty) -> Delivery {
         if msg.id <= member.last {
             Delivery::Duplicate
         } else if msg.id == member.last + 1 {
             member.last = msg.id;
-            member.outbox.push_live(msg.frame.clone());
+            member.outbox.push_live(msg.wire.clone());
+            dirty.add(&member.outbox);
             Delivery::Delivered
         } else {
             Delivery::Gap
@@ -220,7 +222,7 @@ impl Hub {
         conn: ConnId,
         after: u64,
         epoch: Option<Epoch>,
-        joined: impl FnOnce(u64) -> Option<Utf8Bytes>,
+        joined: impl FnOnce(u64) -> Option<Bytes>,
     ) -> GoLive {
         let Some(entry) = self.room(room.as_str()) else {
             return GoLive::Gone;
@@ -255,7 +257,7 @@ impl Hub {
                 break;
             }
             last_id = msg.id;
-            if member.outbox.push_live(msg.frame.clone()) != LivePush::Queued {
+            if member.outbox.push_live(msg.wire.clone()) != LivePush::Queued {
                 return GoLive::Gone;
             }
         }
@@ -327,8 +329,9 @@ impl Hub {
     }
 
     /// Delivers a message that arrived from the bus to every local member of its room.
-    /// Never waits: a member that cannot take it is closed as too slow by its outbox.
-    pub fn dispatch(&self, room: &str, msg: Msg) {
+    /// Never waits: a member that cannot take it is closed as too slow by its outbox. The
+    /// outboxes that got it are listed in `dirty`: flush it after a batch of dispatches.
+    pub fn dispatch(&self, room: &str, msg: Msg, dirty: &mut Dirty) {
         let Some(entry) = self.room(room) else {
             return;
         };
@@ -340,7 +343,7 @@ impl Hub {
             match member.joining.as_mut() {
                 Some(buffer) => buffer.push(&msg, cap),
                 None if repair.is_some() => {}
-                None => gap |= matches!(RoomState::deliver(member, &msg), Delivery::Gap),
+                None => gap |= matches!(RoomState::deliver(member, &msg, dirty), Delivery::Gap),
             }
         }
         match repair {
@@ -469,10 +472,11 @@ impl Hub {
             msgs.sort_by_key(|m| m.id);
             msgs.dedup_by_key(|m| m.id);
             let (mut filled, mut cut) = (0usize, 0usize);
+            let mut dirty = Dirty::default();
             for member in st.members.values_mut().filter(|m| m.joining.is_none()) {
                 let before = member.last;
                 for msg in msgs.iter().filter(|m| m.id > before) {
-                    if let Delivery::Gap = RoomState::deliver(member, msg) {
+                    if let Delivery::Gap = RoomState::deliver(member, msg, &mut dirty) {
                         // Older than history: the member must resume (recovered:false).
                         member.outbox.close(CloseReason::TooSlow);
                         cut += 1;
@@ -481,6 +485,8 @@ impl Hub {
                 }
                 filled += usize::try_from(member.last - before).unwrap_or(0);
             }
+            drop(st);
+            dirty.flush();
             info!(%room, from, filled, cut, "repaired");
             return Ok(());
         }
@@ -529,22 +535,18 @@ mod tests {
     }
 
     async fn drain(outbox: &Outbox) -> Vec<u64> {
-        let mut out = Vec::new();
         let mut frames = Vec::new();
-        while outbox.closing().is_none() {
-            frames.clear();
-            tokio::select! {
-                biased;
-                r = outbox.next_batch(&mut frames, 100) => r.unwrap(),
-                () = std::future::ready(()) => break,
-            }
-            out.extend(
-                frames
-                    .iter()
-                    .filter_map(|f| chat_protocol::peek_id(f.as_bytes())),
-            );
+        if outbox.closing().is_none() {
+            outbox.take_queued(&mut frames, usize::MAX);
         }
-        out
+        frames
+            .iter()
+            .filter_map(|f| chat_protocol::peek_id(crate::ws::payload(f)))
+            .collect()
+    }
+
+    fn dispatch(hub: &Hub, msg: &Msg) {
+        hub.dispatch("r", msg.clone(), &mut Dirty::default());
     }
 
     #[tokio::test]
@@ -554,16 +556,16 @@ mod tests {
         let outbox = Arc::new(Outbox::new(100, 1 << 20));
         hub.join(&room, 1, outbox.clone(), &bus).await.unwrap();
         assert_eq!(hub.go_live(&room, 1, 1, None, |_| None), GoLive::Live(1));
-        hub.dispatch("r", msgs[1].clone()); // 2
-        hub.dispatch("r", msgs[1].clone()); // 2 again: dropped
-        hub.dispatch("r", msgs[4].clone()); // 5: 3 and 4 were lost
-        hub.dispatch("r", msgs[5].clone()); // 6: held while repairing
+        dispatch(&hub, &msgs[1]); // 2
+        dispatch(&hub, &msgs[1]); // 2 again: dropped
+        dispatch(&hub, &msgs[4]); // 5: 3 and 4 were lost
+        dispatch(&hub, &msgs[5]); // 6: held while repairing
         assert_eq!(drain(&outbox).await, vec![2]);
         let repairs: Vec<RoomName> = lock(&hub.repairs).drain().collect();
         assert_eq!(repairs, vec![room.clone()]);
         hub.repair(&room, &bus).await.unwrap();
         assert_eq!(drain(&outbox).await, vec![3, 4, 5, 6]);
-        hub.dispatch("r", msgs[5].clone());
+        dispatch(&hub, &msgs[5]);
         assert_eq!(drain(&outbox).await, Vec::<u64>::new());
     }
 
@@ -590,8 +592,8 @@ mod tests {
         let hub = Arc::new(Hub::new(16));
         let outbox = Arc::new(Outbox::new(100, 1 << 20));
         hub.join(&room, 1, outbox.clone(), &bus).await.unwrap();
-        hub.dispatch("r", msgs[2].clone()); // 3
-        hub.dispatch("r", msgs[4].clone()); // 5 (4 lost)
+        dispatch(&hub, &msgs[2]); // 3
+        dispatch(&hub, &msgs[4]); // 5 (4 lost)
         assert_eq!(hub.go_live(&room, 1, 2, None, |_| None), GoLive::Live(3));
         assert_eq!(drain(&outbox).await, vec![3]);
         hub.repair(&room, &bus).await.unwrap();

@@ -2,7 +2,8 @@
 //!
 //! A message's path reads straight through the modules: [`session`] (a client's frame) →
 //! [`bus`] (Redis or in-process: id, history, publish) → [`hub`] (this instance's local
-//! members of the room) → [`outbox`] (each client's bounded queue) → the session's writer.
+//! members of the room) → [`outbox`] (each client's bounded queue, written with `writev`
+//! of frames built once, [`ws`]).
 //! [`app`] wires them to HTTP; [`config`] reads the environment. See `docs/architecture.md`.
 
 pub mod app;
@@ -14,6 +15,7 @@ pub mod outbox;
 pub mod session;
 pub mod telemetry;
 mod web;
+pub mod ws;
 
 pub use app::{App, AppError};
 pub use config::Config;

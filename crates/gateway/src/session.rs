@@ -1,27 +1,26 @@
 //! One WebSocket connection: the reader/processor (this task) and the writer task.
 //!
-//! The session reads frames in order and acts on them one at a time (join with history
-//! replay, leave, send). Everything it says goes through the connection's [`Outbox`];
-//! the writer task is the only one touching the socket's write half. It drains the outbox
-//! in batches (one flush per batch), sends keep-alive pings and closes the socket with the
-//! code the outbox's [`CloseReason`] maps to.
+//! The session reads frames in order (tungstenite, over the socket's read half) and acts on
+//! them one at a time (join with history replay, leave, send). Everything it says goes
+//! through the connection's [`Outbox`], already in wire form. The writer task writes what
+//! the dispatcher's flushes leave behind (a full socket, the session's own frames), sends
+//! keep-alive pings and closes the socket with the code the outbox's [`CloseReason`] maps
+//! to.
 //!
 //! `/websocket` connections (the original sample's clients) run the same session with
 //! `legacy = true`: only `message` frames are ever sent to them.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use chat_protocol::{
     ClientFrame, ErrorCode, FrameError, Limits, MessageTemplate, PROTOCOL_VERSION, RoomName,
     ServerFrame, Username, close, parse_client_frame,
 };
-use futures_util::{
-    SinkExt, StreamExt,
-    stream::{SplitSink, SplitStream},
-};
-use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
+use futures_util::StreamExt;
+use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout};
+use tokio_tungstenite::WebSocketStream;
 use tracing::{Instrument, debug, info_span, warn};
+use tungstenite::{Message, protocol::Role, protocol::WebSocketConfig};
 
 use crate::{
     app::AppState,
@@ -29,13 +28,17 @@ use crate::{
     hub::{ConnId, GoLive},
     limits::RateLimit,
     outbox::{CloseReason, Outbox},
+    ws::{self, ClientIo, Connection},
 };
 
 /// The username used when neither the frame nor the connection gives one.
 pub const ANONYMOUS: &str = "anonymous";
 
-/// Frames the writer sends per flush at most.
-const WRITE_BATCH: usize = 64;
+/// Initial read buffer per connection: chat frames are small, and it is allocated eagerly.
+const READ_BUFFER: usize = 1024;
+
+/// A connection's WebSocket reader.
+type Reader = WebSocketStream<ClientIo>;
 
 /// The query parameters of a connect request, unvalidated.
 #[derive(Clone, Debug, Default)]
@@ -82,23 +85,38 @@ struct Session {
 pub const BAD_FRAME_LIMIT: u32 = 10;
 
 /// Serves one upgraded WebSocket until it closes.
-pub async fn run(socket: WebSocket, state: Arc<AppState>, params: ConnectParams, legacy: bool) {
+pub async fn run(socket: Connection, state: Arc<AppState>, params: ConnectParams, legacy: bool) {
     let conn = state.next_conn_id();
     let span = info_span!("conn", conn, instance = %state.config.instance_id, legacy);
     async move {
-        let (sink, stream) = socket.split();
-        let outbox = Arc::new(Outbox::new(
+        let Connection { tcp, upgraded } = socket;
+        let outbox = Arc::new(Outbox::with_socket(
             state.config.client_queue,
             state.config.client_queue_bytes,
+            tcp,
         ));
-        // Not instrumented: the writer is polled once per batch, and entering a span
-        // each time is measurable on the fan-out path. Its few logs carry `conn`.
+        // The session enforces MAX_FRAME_BYTES after reading a message whole, so the close
+        // (1009) is clean: a message cut off mid-way would leave unread bytes, and closing a
+        // socket with unread bytes resets it, losing the close frame. The hard limit, where
+        // tungstenite gives up reading, is four times larger.
+        let hard_limit = state.config.max_frame_bytes.saturating_mul(4);
+        let config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
+            .max_message_size(Some(hard_limit))
+            .max_frame_size(Some(hard_limit));
+        let stream = WebSocketStream::from_raw_socket(
+            ClientIo::new(upgraded, outbox.clone()),
+            Role::Server,
+            Some(config),
+        )
+        .await;
+        // Not instrumented: entering a span each time the writer is polled is measurable.
+        // Its few logs carry `conn`.
         let timing = WriterTiming {
             ping_every: state.config.ping_interval,
             write_timeout: state.config.write_timeout,
-            coalesce: state.config.write_coalesce,
         };
-        let writer = tokio::spawn(write_loop(sink, outbox.clone(), timing, conn));
+        let writer = tokio::spawn(write_loop(outbox.clone(), timing, conn));
         let state_rate = &state.config;
         let rate = RateLimit::new(state_rate.rate_limit_per_sec, state_rate.rate_limit_burst);
         let mut session = Session {
@@ -115,7 +133,11 @@ pub async fn run(socket: WebSocket, state: Arc<AppState>, params: ConnectParams,
         debug!("connected");
         let stream = session.serve(stream, params).await;
         session.leave_all();
-        session.outbox.close(CloseReason::Gone);
+        session.outbox.close(match stream {
+            // The peer ended the connection: answer its close, if it sent one.
+            None => CloseReason::Finished,
+            Some(_) => CloseReason::Gone,
+        });
         let _ = writer.await;
         // Let the peer's answer to our close frame arrive, briefly, for a clean close.
         if let Some(mut stream) = stream {
@@ -133,11 +155,7 @@ pub async fn run(socket: WebSocket, state: Arc<AppState>, params: ConnectParams,
 impl Session {
     /// Runs until the peer leaves, the outbox closes or the instance shuts down. Returns the
     /// read half when a close handshake may still be completed.
-    async fn serve(
-        &mut self,
-        mut stream: SplitStream<WebSocket>,
-        params: ConnectParams,
-    ) -> Option<SplitStream<WebSocket>> {
+    async fn serve(&mut self, mut stream: Reader, params: ConnectParams) -> Option<Reader> {
         // On shutdown each client is closed at its own random moment within the drain
         // window, so they do not all reconnect elsewhere in the same millisecond.
         let shutdown_token = self.state.shutdown.clone();
@@ -160,7 +178,7 @@ impl Session {
             () = done.cancelled() => return Some(stream),
             // Boxed: the join's call graph (bus futures included) is large, and an idle
             // connection should not carry its state around (see docs/architecture.md).
-            () = Box::pin(self.start(params)) => {}
+            () = Box::pin(self.start(params)) => outbox.flush(),
         }
         loop {
             let next = tokio::select! {
@@ -192,7 +210,7 @@ impl Session {
                     return Some(stream);
                 }
                 () = done.cancelled() => return Some(stream),
-                () = Box::pin(self.on_message(message)) => {}
+                () = Box::pin(self.on_message(message)) => outbox.flush(),
             }
         }
     }
@@ -206,6 +224,8 @@ impl Session {
                 protocol: PROTOCOL_VERSION,
             };
             self.reply(welcome).await;
+            // At once: the automatic join may wait for Redis.
+            self.outbox.flush();
         }
         if let Some(name) = params.username {
             match Username::new(&name) {
@@ -265,7 +285,9 @@ impl Session {
             }
             // Pings are answered by the WebSocket layer; a close handshake finishes when
             // the stream ends.
-            Message::Ping(_) | Message::Pong(_) | Message::Close(_) => return,
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {
+                return;
+            }
         };
         let limits = Limits {
             max_text_bytes: self.state.config.max_text_bytes,
@@ -382,7 +404,7 @@ impl Session {
             }
             recovered &= plan.recovered;
             for msg in plan.messages {
-                if self.outbox.push(msg.frame).await.is_err() {
+                if self.outbox.push(msg.wire).await.is_err() {
                     return;
                 }
             }
@@ -396,7 +418,7 @@ impl Session {
                         recovered,
                         epoch: room_epoch.as_deref().map(str::to_owned),
                     };
-                    Utf8Bytes::from(frame.to_json())
+                    ws::text_frame(frame.to_json().as_bytes())
                 })
             };
             let go = state
@@ -512,7 +534,10 @@ impl Session {
     /// Sends a control frame (never on `/websocket`, whose clients render every frame).
     async fn reply(&mut self, frame: ServerFrame) {
         if !self.legacy {
-            let _ = self.outbox.push(frame.to_json().into()).await;
+            let _ = self
+                .outbox
+                .push(ws::text_frame(frame.to_json().as_bytes()))
+                .await;
         }
     }
 
@@ -565,16 +590,8 @@ impl ReplayPlan {
     }
 }
 
-fn is_capacity_error(err: &axum::Error) -> bool {
-    use std::error::Error as _;
-    let mut source = err.source();
-    while let Some(e) = source {
-        if let Some(t) = e.downcast_ref::<tungstenite::Error>() {
-            return matches!(t, tungstenite::Error::Capacity(_));
-        }
-        source = e.source();
-    }
-    false
+fn is_capacity_error(err: &tungstenite::Error) -> bool {
+    matches!(err, tungstenite::Error::Capacity(_))
 }
 
 /// The writer's clock settings.
@@ -582,54 +599,50 @@ fn is_capacity_error(err: &axum::Error) -> bool {
 struct WriterTiming {
     ping_every: Duration,
     write_timeout: Duration,
-    coalesce: Duration,
 }
 
-/// The writer task: batches, pings, close frames.
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
-    outbox: Arc<Outbox>,
-    timing: WriterTiming,
-    conn: ConnId,
-) {
+/// The writer task: writes what the dispatcher's flushes could not (waiting for a full
+/// socket, at most `write_timeout` without progress), the session's frames, pings, and the
+/// close frame.
+async fn write_loop(outbox: Arc<Outbox>, timing: WriterTiming, conn: ConnId) {
     let WriterTiming {
         ping_every,
         write_timeout,
-        coalesce,
     } = timing;
-    let mut batch = Vec::new();
     let mut ticker = interval_at(Instant::now() + ping_every, ping_every);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut unanswered = 0u32;
-    let reason = loop {
+    let mut stalled_since = Instant::now();
+    // `clean`: the stream ends at a frame boundary, so a close frame may follow.
+    let (reason, clean) = loop {
+        let written = match outbox.write_now() {
+            Ok(w) => w,
+            Err(err) => {
+                debug!(conn, error = %err, "write failed");
+                break (CloseReason::Gone, false);
+            }
+        };
+        if written.bytes > 0 || written.all {
+            stalled_since = Instant::now();
+        }
+        if written.all
+            && let Some(reason) = outbox.closed_and_flushed()
+        {
+            break (reason, true);
+        }
         tokio::select! {
-            next = outbox.next_batch(&mut batch, WRITE_BATCH) => {
-                if let Err(reason) = next {
-                    break reason;
-                }
-                if !coalesce.is_zero() && batch.len() < WRITE_BATCH {
-                    // Let more frames gather, so one syscall carries several.
-                    tokio::time::sleep(coalesce).await;
-                    outbox.take_more(&mut batch, WRITE_BATCH);
-                }
-                let write = async {
-                    for frame in batch.drain(..) {
-                        sink.feed(Message::Text(frame)).await?;
-                    }
-                    sink.flush().await
-                };
-                match timeout(write_timeout, write).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(err)) => {
-                        debug!(conn, error = %err, "write failed");
-                        break CloseReason::Gone;
-                    }
-                    Err(_) => {
-                        debug!(conn, "write timed out");
-                        break CloseReason::TooSlow;
-                    }
+            biased;
+            ready = outbox.writable(), if !written.all => {
+                if let Err(err) = ready {
+                    debug!(conn, error = %err, "socket failed");
+                    break (CloseReason::Gone, false);
                 }
             }
+            () = sleep_until(stalled_since + write_timeout), if !written.all => {
+                debug!(conn, "write timed out");
+                break (CloseReason::TooSlow, false);
+            }
+            () = outbox.work(), if written.all => {}
             _ = ticker.tick() => {
                 if outbox.take_alive() {
                     unanswered = 0;
@@ -637,13 +650,10 @@ async fn write_loop(
                     unanswered += 1;
                     if unanswered >= 2 {
                         debug!(conn, "peer missed two pings");
-                        break CloseReason::Gone;
+                        break (CloseReason::Gone, false);
                     }
                 }
-                let ping = timeout(write_timeout, sink.send(Message::Ping(Default::default())));
-                if !matches!(ping.await, Ok(Ok(()))) {
-                    break CloseReason::Gone;
-                }
+                outbox.push_control(ws::PING);
             }
         }
     };
@@ -653,19 +663,26 @@ async fn write_loop(
         CloseReason::TooBig => close::TOO_BIG,
         CloseReason::Restart => close::RESTART,
         CloseReason::Policy => close::POLICY,
-        CloseReason::Gone => return,
+        CloseReason::Gone | CloseReason::Finished => return,
     };
+    if !clean {
+        return;
+    }
     let text = match reason {
         CloseReason::TooSlow => "too slow: reconnect with since",
         CloseReason::TooBig => "frame too large",
         CloseReason::Policy => "too many refused frames",
         _ => "server restarting: reconnect",
     };
-    let frame = CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(text),
-    };
-    let _ = timeout(write_timeout, sink.send(Message::Close(Some(frame)))).await;
+    outbox.push_close(ws::close_frame(code, text));
+    let _ = timeout(write_timeout, async {
+        while let Ok(w) = outbox.write_now() {
+            if w.all || outbox.writable().await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]
@@ -679,10 +696,7 @@ mod tests {
             messages: ids
                 .iter()
                 .copied()
-                .map(|id| Msg {
-                    id,
-                    frame: Utf8Bytes::from(id.to_string()),
-                })
+                .map(|id| Msg::new(id, id.to_string().as_bytes()))
                 .collect(),
         }
     }

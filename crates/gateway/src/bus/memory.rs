@@ -15,6 +15,7 @@ use chat_protocol::{MessageTemplate, RoomName};
 
 use super::{Bus, BusError, Epoch, History, Msg, new_epoch};
 use crate::hub::Hub;
+use crate::outbox::Dirty;
 
 struct RoomLog {
     seq: u64,
@@ -85,16 +86,17 @@ impl Bus for MemoryBus {
         let log = self.log(room);
         let mut log = lock(&log);
         log.seq += 1;
-        let msg = Msg {
-            id: log.seq,
-            frame: message.render(log.seq, now_ms()).into(),
-        };
+        let msg = Msg::new(log.seq, message.render(log.seq, now_ms()).as_bytes());
         log.history.push_back(msg.clone());
         while log.history.len() > self.inner.history_size {
             log.history.pop_front();
         }
-        self.inner.hub.dispatch(room.as_str(), msg);
-        Ok(log.seq)
+        let mut dirty = Dirty::default();
+        self.inner.hub.dispatch(room.as_str(), msg, &mut dirty);
+        let id = log.seq;
+        drop(log);
+        dirty.flush();
+        Ok(id)
     }
 
     async fn subscribe(&self, _room: &RoomName) -> Result<(), BusError> {

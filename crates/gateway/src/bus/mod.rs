@@ -16,16 +16,32 @@ pub mod redis;
 
 use std::future::Future;
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use chat_protocol::{MessageTemplate, RoomName};
 
-/// A stored `message` frame: its id and its exact JSON, shared by every recipient.
+/// A stored `message` frame: its id and its exact JSON (as stored and published), framed
+/// for the WebSocket once and shared by every recipient.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Msg {
     /// The per-room id.
     pub id: u64,
-    /// The frame, exactly as stored and published.
-    pub frame: Utf8Bytes,
+    /// The WebSocket text frame carrying the JSON, in wire form.
+    pub wire: Bytes,
+}
+
+impl Msg {
+    /// Frames `json` (which must be UTF-8) as message `id`.
+    pub fn new(id: u64, json: &[u8]) -> Self {
+        Msg {
+            id,
+            wire: crate::ws::text_frame(json),
+        }
+    }
+
+    /// The frame's JSON.
+    pub fn json(&self) -> &[u8] {
+        crate::ws::payload(&self.wire)
+    }
 }
 
 /// What a history read returned.

@@ -21,18 +21,20 @@ use std::{
     time::Duration,
 };
 
-use axum::extract::ws::Utf8Bytes;
 use chat_protocol::{MessageTemplate, RoomName, peek_id};
 use fred::{
     clients::SubscriberClient,
     prelude::*,
     types::{Message, config::Config as FredConfig, scripts::Script},
 };
-use tokio::{sync::broadcast::error::RecvError, task::JoinHandle};
+use tokio::{
+    sync::broadcast::error::{RecvError, TryRecvError},
+    task::JoinHandle,
+};
 use tracing::{error, warn};
 
 use super::{Bus, BusError, Epoch, EpochNotice, History, Msg, keys::Keys, new_epoch};
-use crate::hub::Hub;
+use crate::{hub::Hub, outbox::Dirty};
 
 mod tls {
     //! TLS to Redis beyond the system roots: a private CA, or (Heroku only) no verification.
@@ -238,6 +240,8 @@ pub struct RedisSettings {
     pub tls_insecure: bool,
     /// `rediss://` verified against this CA (PEM) instead of the system roots.
     pub tls_ca_file: Option<String>,
+    /// At most one flush of the clients' sockets per interval (`WRITE_COALESCE_MS`).
+    pub write_coalesce: Duration,
 }
 
 impl RedisBus {
@@ -295,6 +299,7 @@ impl RedisBus {
             hub.clone(),
             probe_channel.clone(),
             probe_seen.clone(),
+            settings.write_coalesce,
         ));
         let commands_task = spawn_connection(&commands);
         let subscriber_task = spawn_connection(&subscriber);
@@ -543,49 +548,94 @@ fn spawn_connection<C: ClientLike>(client: &C) -> JoinHandle<()> {
     })
 }
 
+/// Messages dispatched before the touched outboxes are flushed, at most.
+const DISPATCH_BATCH: usize = 256;
+
 async fn read_messages(
     mut messages: tokio::sync::broadcast::Receiver<Message>,
     keys: Keys,
     hub: Arc<Hub>,
     probe_channel: String,
     probe_seen: tokio::sync::watch::Sender<u64>,
+    coalesce: Duration,
 ) {
+    let mut dirty = Dirty::default();
+    let mut last_flush = tokio::time::Instant::now();
     loop {
-        match messages.recv().await {
-            Ok(message) if *message.channel == *probe_channel => {
-                if let Some(token) = message.value.as_u64() {
-                    probe_seen.send_modify(|seen| *seen = (*seen).max(token));
-                }
-            }
-            Ok(message) => {
-                let Some(room) = keys.room_of_channel(&message.channel) else {
-                    continue;
-                };
-                let Some(bytes) = message.value.into_bytes() else {
-                    continue;
-                };
-                if let Some(msg) = to_msg(bytes.clone()) {
-                    hub.dispatch(room, msg);
-                } else if let Ok(notice) = serde_json::from_slice::<EpochNotice>(&bytes) {
-                    hub.reset(room, Epoch::from(notice.epoch));
-                } else {
-                    warn!(%room, "ignoring a pub/sub payload that is not a message frame");
-                }
-            }
-            Err(RecvError::Lagged(n)) => {
-                // We cannot tell which rooms lost messages: repair them all from history.
-                error!(skipped = n, "pub/sub reader lagged; repairing every room");
-                hub.repair_all();
-            }
-            Err(RecvError::Closed) => return,
+        // Wait for a message; then take whatever else has arrived (and, with
+        // WRITE_COALESCE_MS, what arrives until one interval after the last flush), so
+        // that every client gets all of it with one write.
+        let first = messages.recv().await;
+        if !coalesce.is_zero() {
+            tokio::time::sleep_until(last_flush + coalesce).await;
         }
+        let mut next = Some(first);
+        let mut taken = 0usize;
+        while let Some(received) = next.take() {
+            match received {
+                Ok(message) => on_message(
+                    message,
+                    &keys,
+                    &hub,
+                    &probe_channel,
+                    &probe_seen,
+                    &mut dirty,
+                ),
+                Err(RecvError::Lagged(n)) => {
+                    // We cannot tell which rooms lost messages: repair them all from history.
+                    error!(skipped = n, "pub/sub reader lagged; repairing every room");
+                    hub.repair_all();
+                }
+                Err(RecvError::Closed) => return,
+            }
+            taken += 1;
+            if taken < DISPATCH_BATCH {
+                next = match messages.try_recv() {
+                    Ok(m) => Some(Ok(m)),
+                    Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
+                    Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
+                    Err(TryRecvError::Empty) => None,
+                };
+            }
+        }
+        dirty.flush();
+        last_flush = tokio::time::Instant::now();
+    }
+}
+
+fn on_message(
+    message: Message,
+    keys: &Keys,
+    hub: &Hub,
+    probe_channel: &str,
+    probe_seen: &tokio::sync::watch::Sender<u64>,
+    dirty: &mut Dirty,
+) {
+    if *message.channel == *probe_channel {
+        if let Some(token) = message.value.as_u64() {
+            probe_seen.send_modify(|seen| *seen = (*seen).max(token));
+        }
+        return;
+    }
+    let Some(room) = keys.room_of_channel(&message.channel) else {
+        return;
+    };
+    let Some(bytes) = message.value.into_bytes() else {
+        return;
+    };
+    if let Some(msg) = to_msg(bytes.clone()) {
+        hub.dispatch(room, msg, dirty);
+    } else if let Ok(notice) = serde_json::from_slice::<EpochNotice>(&bytes) {
+        hub.reset(room, Epoch::from(notice.epoch));
+    } else {
+        warn!(%room, "ignoring a pub/sub payload that is not a message frame");
     }
 }
 
 fn to_msg(bytes: bytes::Bytes) -> Option<Msg> {
     let id = peek_id(&bytes)?;
-    let frame = Utf8Bytes::try_from(bytes).ok()?;
-    Some(Msg { id, frame })
+    std::str::from_utf8(&bytes).ok()?;
+    Some(Msg::new(id, &bytes))
 }
 
 impl Bus for RedisBus {
