@@ -472,6 +472,20 @@ impl Dirty {
     }
 }
 
+impl Dirty {
+    /// Like [`Dirty::flush`], but with more than `per_task` outboxes listed, the rest is
+    /// flushed by other tasks, so a large fan-out is written from several worker threads
+    /// at once. Must run inside a tokio runtime.
+    pub fn flush_spread(&mut self, per_task: usize) {
+        let per_task = per_task.max(1);
+        while self.0.len() > per_task {
+            let rest = self.0.split_off(self.0.len() - per_task);
+            tokio::spawn(async move { Dirty(rest).flush() });
+        }
+        self.flush();
+    }
+}
+
 impl Drop for Dirty {
     fn drop(&mut self) {
         self.flush();

@@ -551,6 +551,9 @@ fn spawn_connection<C: ClientLike>(client: &C) -> JoinHandle<()> {
 /// Messages dispatched before the touched outboxes are flushed, at most.
 const DISPATCH_BATCH: usize = 256;
 
+/// Outboxes one task flushes; a larger fan-out is spread over several tasks (threads).
+const FLUSH_PER_TASK: usize = 128;
+
 async fn read_messages(
     mut messages: tokio::sync::broadcast::Receiver<Message>,
     keys: Keys,
@@ -598,7 +601,7 @@ async fn read_messages(
                 };
             }
         }
-        dirty.flush();
+        dirty.flush_spread(FLUSH_PER_TASK);
         last_flush = tokio::time::Instant::now();
     }
 }
