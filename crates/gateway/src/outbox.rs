@@ -615,6 +615,16 @@ mod tests {
         )
     }
 
+    /// What the writer task does with a full socket: write, wait until writable, repeat.
+    fn write_in_background(o: &Arc<Outbox>) -> tokio::task::JoinHandle<()> {
+        let o = o.clone();
+        tokio::spawn(async move {
+            while !o.write_now().unwrap().all {
+                o.writable().await.unwrap();
+            }
+        })
+    }
+
     #[tokio::test]
     async fn a_flush_writes_every_queued_frame_in_order_through_a_full_socket() {
         let (o, mut client) = pair(usize::MAX).await;
@@ -632,14 +642,7 @@ mod tests {
         assert_eq!(dirty.len(), 1);
         dirty.flush();
         assert!(!o.write_now().unwrap().all, "the socket should be full");
-        let writer = {
-            let o = o.clone();
-            tokio::spawn(async move {
-                while !o.write_now().unwrap().all {
-                    o.writable().await.unwrap();
-                }
-            })
-        };
+        let writer = write_in_background(&o);
         let mut got = vec![0u8; expected.len()];
         client.read_exact(&mut got).await.unwrap();
         writer.await.unwrap();
@@ -662,14 +665,7 @@ mod tests {
             assert_eq!(st.queue.len(), 1, "only the started frame is kept");
             assert!(st.front_started);
         }
-        let writer = {
-            let o = o.clone();
-            tokio::spawn(async move {
-                while !o.write_now().unwrap().all {
-                    o.writable().await.unwrap();
-                }
-            })
-        };
+        let writer = write_in_background(&o);
         let mut got = vec![0u8; big.len()];
         client.read_exact(&mut got).await.unwrap();
         writer.await.unwrap();
