@@ -14,6 +14,8 @@ for i in 1 2 3; do
   $B fanout --spawn 1 --embedded --rooms 1 --subs 100 --pubs 10 --rate 500 --duration 10 > $O/cpu-embedded-$i.txt 2>&1
   $B fanout --spawn 1 --env WRITE_COALESCE_MS=10 --rooms 1 --subs 100 --pubs 10 --rate 500 --duration 10 > $O/cpu-redis-coalesce10-$i.txt 2>&1
   $B fanout --spawn 1 --env WRITE_COALESCE_MS=20 --rooms 1 --subs 100 --pubs 10 --rate 500 --duration 10 > $O/cpu-redis-coalesce20-$i.txt 2>&1
+  $B fanout --spawn 1 --embedded --env WRITE_COALESCE_MS=10 --rooms 1 --subs 100 --pubs 10 --rate 500 --duration 10 > $O/cpu-embedded-coalesce10-$i.txt 2>&1
+  $B fanout --spawn 1 --embedded --env WRITE_COALESCE_MS=20 --rooms 1 --subs 100 --pubs 10 --rate 500 --duration 10 > $O/cpu-embedded-coalesce20-$i.txt 2>&1
 done
 for i in 1 2 3; do
   $B fanout --spawn 2 --rooms 1 --subs 1000 --pubs 10 --rate 20 --duration 10 > $O/p99-1000subs-rate20-$i.txt 2>&1

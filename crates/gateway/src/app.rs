@@ -114,7 +114,11 @@ impl App {
                     instance = %config.instance_id,
                     "no REDIS_URL: running as a single instance on the in-process bus"
                 );
-                AnyBus::Memory(MemoryBus::new(config.history_size, hub.clone()))
+                AnyBus::Memory(MemoryBus::with_coalesce(
+                    config.history_size,
+                    hub.clone(),
+                    config.write_coalesce,
+                ))
             }
             Some(url) => {
                 info!(instance = %config.instance_id, redis = %redact_url(url), "using Redis");

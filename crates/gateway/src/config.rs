@@ -74,8 +74,8 @@ pub struct Config {
     pub ping_interval: Duration,
     /// A socket write that takes longer closes the connection (`WRITE_TIMEOUT_SECS`, default 10).
     pub write_timeout: Duration,
-    /// At most one flush of the clients' sockets per interval for messages from Redis,
-    /// so one syscall carries several (`WRITE_COALESCE_MS`, default 0 = write at once).
+    /// At most one flush of the clients' sockets per interval for chat messages, so one
+    /// syscall carries several (`WRITE_COALESCE_MS`, default 0 = write at once).
     pub write_coalesce: Duration,
     /// Longest wait for Redis on one command before answering `unavailable` (`REDIS_TIMEOUT_MS`, default 2000).
     pub redis_timeout: Duration,

@@ -452,6 +452,11 @@ impl Dirty {
         }
     }
 
+    /// Takes over every outbox listed in `other`.
+    pub fn append(&mut self, other: &mut Dirty) {
+        self.0.append(&mut other.0);
+    }
+
     /// How many outboxes wait for a flush.
     pub fn len(&self) -> usize {
         self.0.len()

@@ -2,14 +2,18 @@
 //! Redis bus, so `cargo run` on a fresh machine behaves like a one-instance deployment.
 //!
 //! Publishing a room's message happens under that room's lock and hands the message to
-//! the hub before releasing it, which keeps delivery in id order without a queue.
+//! the hub before releasing it, which keeps delivery in id order without a queue. The
+//! publisher's task then writes the recipients' sockets, or, with `WRITE_COALESCE_MS`,
+//! leaves them to a flusher task that writes at most once per interval.
 
 use std::{
     collections::{HashMap, VecDeque},
     fmt,
     sync::{Arc, Mutex, MutexGuard},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
+
+use tokio::sync::Notify;
 
 use chat_protocol::{MessageTemplate, RoomName};
 
@@ -29,6 +33,29 @@ struct Inner {
     rooms: Mutex<HashMap<RoomName, Arc<Mutex<RoomLog>>>>,
     history_size: usize,
     hub: Arc<Hub>,
+    /// With `WRITE_COALESCE_MS`: where publishers leave the outboxes to flush.
+    coalescer: Option<Arc<Coalescer>>,
+}
+
+/// Outboxes waiting for the flusher task.
+#[derive(Default)]
+struct Coalescer {
+    pending: Mutex<Dirty>,
+    wake: Notify,
+}
+
+impl Coalescer {
+    /// Flushes what publishers left, at most once per `interval`.
+    async fn run(&self, interval: Duration) {
+        let mut last = tokio::time::Instant::now();
+        loop {
+            self.wake.notified().await;
+            tokio::time::sleep_until(last + interval).await;
+            let mut due = std::mem::take(&mut *lock(&self.pending));
+            due.flush();
+            last = tokio::time::Instant::now();
+        }
+    }
 }
 
 /// The in-process bus.
@@ -56,13 +83,35 @@ fn now_ms() -> u64 {
 }
 
 impl MemoryBus {
-    /// A bus keeping `history_size` messages per room and delivering to `hub`.
+    /// A bus keeping `history_size` messages per room and delivering to `hub`; each
+    /// publisher writes the recipients' sockets itself.
     pub fn new(history_size: usize, hub: Arc<Hub>) -> Self {
         MemoryBus {
             inner: Arc::new(Inner {
                 rooms: Mutex::new(HashMap::new()),
                 history_size,
                 hub,
+                coalescer: None,
+            }),
+        }
+    }
+
+    /// Like [`MemoryBus::new`], but the sockets are written at most once per `coalesce`
+    /// (when it is not zero) by a flusher task. Must be called inside a tokio runtime.
+    pub fn with_coalesce(history_size: usize, hub: Arc<Hub>, coalesce: Duration) -> Self {
+        let coalescer = (!coalesce.is_zero()).then(|| {
+            let coalescer = Arc::new(Coalescer::default());
+            let task = coalescer.clone();
+            // Lives as long as the process (it only ever waits or writes what is queued).
+            tokio::spawn(async move { task.run(coalesce).await });
+            coalescer
+        });
+        MemoryBus {
+            inner: Arc::new(Inner {
+                rooms: Mutex::new(HashMap::new()),
+                history_size,
+                hub,
+                coalescer,
             }),
         }
     }
@@ -95,7 +144,13 @@ impl Bus for MemoryBus {
         self.inner.hub.dispatch(room.as_str(), msg, &mut dirty);
         let id = log.seq;
         drop(log);
-        dirty.flush();
+        match &self.inner.coalescer {
+            None => dirty.flush(),
+            Some(c) => {
+                lock(&c.pending).append(&mut dirty);
+                c.wake.notify_one();
+            }
+        }
         Ok(id)
     }
 

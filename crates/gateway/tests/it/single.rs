@@ -22,6 +22,7 @@ on_both_buses!(
     live_bytes_equal_replayed_bytes,
     replay_larger_than_the_client_queue_is_flow_controlled,
     a_slow_client_is_closed_with_1013_and_never_delays_the_room,
+    coalesced_writes_deliver_every_message_once_in_order,
 );
 
 async fn welcome_then_empty_join(env: Env) -> anyhow::Result<()> {
@@ -544,5 +545,49 @@ async fn a_slow_client_is_closed_with_1013_and_never_delays_the_room(
         }
     }
     assert!(next <= N, "the slow client was not cut off");
+    Ok(())
+}
+
+/// With `WRITE_COALESCE_MS` the sockets are written in batches by a flusher: every reader
+/// still gets every message once, in id order, and each writer's messages in the order
+/// it sent them.
+async fn coalesced_writes_deliver_every_message_once_in_order(env: Env) -> anyhow::Result<()> {
+    let gw = env
+        .gateway(&[("WRITE_COALESCE_MS", "20"), ("RATE_LIMIT_PER_SEC", "0")])
+        .await?;
+    const EACH: u64 = 150;
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        readers.push(connect(&gw, "?room=co", "co").await?.0);
+    }
+    let mut writers = Vec::new();
+    for w in 0..2 {
+        let (mut c, _) = connect(&gw, &format!("?room=co&username=w{w}"), "co").await?;
+        writers.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                c.say("co", &format!("{i}"), None).await?;
+            }
+            anyhow::Ok(c)
+        }));
+    }
+    let mut held = Vec::new();
+    for w in writers {
+        held.push(w.await??);
+    }
+    for mut r in readers {
+        let mut next_of = [0u64; 2];
+        for id in 1..=2 * EACH {
+            let m = r.recv_message().await?;
+            ensure!(m.id == id, "expected id {id}, got {}", m.id);
+            let w: usize = m.username.trim_start_matches('w').parse()?;
+            let n: u64 = m.text.parse()?;
+            ensure!(
+                n == next_of[w],
+                "writer {w}: expected {}, got {n}",
+                next_of[w]
+            );
+            next_of[w] += 1;
+        }
+    }
     Ok(())
 }
