@@ -72,7 +72,8 @@ pub struct Config {
     pub shutdown_drain: Duration,
     /// Seconds between server pings (`PING_INTERVAL_SECS`, default 25).
     pub ping_interval: Duration,
-    /// A socket write that takes longer closes the connection (`WRITE_TIMEOUT_SECS`, default 10).
+    /// A socket that takes no bytes this long while frames wait drops the connection
+    /// (`WRITE_TIMEOUT_SECS`, default 10).
     pub write_timeout: Duration,
     /// At most one flush of the clients' sockets per interval for chat messages, so one
     /// syscall carries several (`WRITE_COALESCE_MS`, default 0 = write at once).
