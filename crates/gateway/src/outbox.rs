@@ -7,9 +7,10 @@
 //! - the **dispatcher** ([`Outbox::flush`], through [`Dirty`]), right after it queued a
 //!   batch of live messages: no task wake-up, no thread hop, and every message that arrived
 //!   in the same batch shares the syscall;
+//! - the **session**, when it is done with a client frame (its replies);
 //! - the connection's **writer task** when the socket is full (it waits until the socket
-//!   is writable again, bounded by `WRITE_TIMEOUT_SECS`), for the session's own frames, for
-//!   pings and for the close frame.
+//!   is writable again, bounded by `WRITE_TIMEOUT_SECS`), for pings and control frames,
+//!   and for the close frame.
 //!
 //! A frame the socket took only in part stays at the front, cut to what is left, so the
 //! byte stream is never interleaved.
@@ -210,7 +211,7 @@ impl Outbox {
     }
 
     /// Queues a live message, or closes the outbox (1013) when the client is too slow.
-    /// Does not wake the writer: the caller flushes (see [`Dirty`]) or calls [`Outbox::wake`].
+    /// Does not wake the writer: the caller flushes (see [`Dirty`]).
     pub fn push_live(&self, frame: Bytes) -> LivePush {
         let mut st = self.lock();
         if st.closing.is_some() {
@@ -326,8 +327,8 @@ impl Outbox {
         self.alive.swap(false, Ordering::Relaxed)
     }
 
-    /// Wakes the writer task (after [`Outbox::push_live`] outside a dispatcher's flush).
-    pub fn wake(&self) {
+    /// Wakes the writer task.
+    fn wake(&self) {
         self.wake_writer.notify_one();
     }
 

@@ -1,9 +1,9 @@
 //! One WebSocket connection: the reader/processor (this task) and the writer task.
 //!
-//! The session reads frames in order (tungstenite, over the socket's read half) and acts on
-//! them one at a time (join with history replay, leave, send). Everything it says goes
-//! through the connection's [`Outbox`], already in wire form. The writer task writes what
-//! the dispatcher's flushes leave behind (a full socket, the session's own frames), sends
+//! The session reads frames in order (tungstenite, over hyper's upgraded connection) and
+//! acts on them one at a time (join with history replay, leave, send). Everything it says
+//! goes through the connection's [`Outbox`], already in wire form, and is written when it
+//! is done with the frame. The writer task takes over when the socket is full, sends
 //! keep-alive pings and closes the socket with the code the outbox's [`CloseReason`] maps
 //! to.
 //!
