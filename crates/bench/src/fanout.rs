@@ -394,11 +394,14 @@ async fn subscriber(mut reader: ws::Reader, mut writer: ws::Writer, shared: Arc<
         return;
     };
     let mut pending = 0u32;
-    let finish = shared.finish.clone();
+    // Registered once: a fresh `cancelled()` per frame would lock the token's (shared)
+    // waiter list twice per delivery.
+    let finish = shared.finish.clone().cancelled_owned();
+    tokio::pin!(finish);
     loop {
         let frame = tokio::select! {
             biased;
-            () = finish.cancelled() => break,
+            () = &mut finish => break,
             f = reader.next() => f,
         };
         let Ok(frame) = frame else {
