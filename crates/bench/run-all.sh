@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark runs for BENCHMARKS.md; outputs in artifacts/bench/.
-# Needs `cargo build --release` first.
+# The chat-bench runs whose figures it quotes; BENCHMARKS.md, "Reproducing", lists what
+# this script does not cover.
+# Needs `cargo build --release --workspace` first (chat-bench and chat-gateway; a plain
+# `cargo build --release` builds only the gateway).
 set -u
 cd "$(dirname "$0")/../.."
 B=./target/release/chat-bench
@@ -14,13 +17,18 @@ for i in 1 2 3; do
   $B fanout --spawn 1 --embedded --rooms 1 --subs 100 --pubs 10 --rate 500 --duration 10 > $O/cpu-embedded-$i.txt 2>&1
   $B fanout --spawn 1 --env WRITE_COALESCE_MS=10 --rooms 1 --subs 100 --pubs 10 --rate 500 --duration 10 > $O/cpu-redis-coalesce10-$i.txt 2>&1
   $B fanout --spawn 1 --env WRITE_COALESCE_MS=20 --rooms 1 --subs 100 --pubs 10 --rate 500 --duration 10 > $O/cpu-redis-coalesce20-$i.txt 2>&1
+  $B fanout --spawn 1 --env WRITE_COALESCE_MS=2 --rooms 1 --subs 100 --pubs 10 --rate 500 --duration 10 > $O/cpu-redis-coalesce2-$i.txt 2>&1
+  $B fanout --spawn 1 --env WRITE_COALESCE_MS=5 --rooms 1 --subs 100 --pubs 10 --rate 500 --duration 10 > $O/cpu-redis-coalesce5-$i.txt 2>&1
   $B fanout --spawn 1 --embedded --env WRITE_COALESCE_MS=10 --rooms 1 --subs 100 --pubs 10 --rate 500 --duration 10 > $O/cpu-embedded-coalesce10-$i.txt 2>&1
   $B fanout --spawn 1 --embedded --env WRITE_COALESCE_MS=20 --rooms 1 --subs 100 --pubs 10 --rate 500 --duration 10 > $O/cpu-embedded-coalesce20-$i.txt 2>&1
 done
+$B fanout --spawn 1 --embedded --env WRITE_COALESCE_MS=50 --rooms 1 --subs 100 --pubs 10 --rate 500 --duration 10 > $O/cpu-embedded-coalesce50-1.txt 2>&1
 for i in 1 2 3; do
   $B fanout --spawn 2 --rooms 1 --subs 1000 --pubs 10 --rate 20 --duration 10 > $O/p99-1000subs-rate20-$i.txt 2>&1
   $B fanout --spawn 2 --rooms 1 --subs 1000 --pubs 10 --rate 200 --duration 15 > $O/p99-1000subs-$i.txt 2>&1
   $B fanout --spawn 2 --env WRITE_COALESCE_MS=10 --rooms 1 --subs 1000 --pubs 10 --rate 200 --duration 15 > $O/p99-1000subs-coalesce10-$i.txt 2>&1
+  $B fanout --spawn 2 --env TOKIO_WORKER_THREADS=1 --rooms 1 --subs 1000 --pubs 10 --rate 200 --duration 15 > $O/p99-1000subs-1thread-$i.txt 2>&1
+  $B fanout --spawn 2 --env TOKIO_WORKER_THREADS=1 --env WRITE_COALESCE_MS=10 --rooms 1 --subs 1000 --pubs 10 --rate 200 --duration 15 > $O/p99-1000subs-1thread-coalesce10-$i.txt 2>&1
 done
 for i in 1 2 3; do
   $B fanout --spawn 2 --rooms 1000 --subs 10 --pubs 1 --rate 10000 --duration 15 --room-affinity > $O/rooms1000-affinity-$i.txt 2>&1

@@ -1,42 +1,36 @@
-//! The server's lifecycle: build (bus + hub), bind, serve HTTP and WebSocket routes, and
-//! shut down — report not ready, refuse new WebSockets, close every connection with 1012
+//! The server's lifecycle: start (hub, bus, repair worker), bind, serve HTTP/1.1, and shut
+//! down — report not ready, refuse new WebSockets, close every connection with 1012
 //! spread over `SHUTDOWN_DRAIN_SECS`, wait at most `SHUTDOWN_GRACE_SECS`, close the bus.
 //!
 //! Signals are not handled here: [`App::run`] takes a shutdown future, so tests and the
 //! binary decide what "stop" means.
+//!
+//! The accept loop is our own (hyper's HTTP/1.1 connection with upgrades) rather than
+//! `axum::serve`: axum serves through hyper-util's HTTP/1+2 auto-detection, which wraps
+//! each socket in a type that hyper's `Upgraded::downcast` cannot see through, and the
+//! transport needs the socket back after the upgrade (see `transport::upgrade`).
 
-use std::{
-    collections::HashMap,
-    io,
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
-    },
-};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::{
-    Router,
-    extract::{Query, State},
-    http::{HeaderMap, StatusCode},
-    response::{IntoResponse, Response},
-    routing::get,
-};
+use axum::{Router, extract::ConnectInfo};
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{info, warn};
+use tower::ServiceExt;
+use tracing::{debug, info, warn};
 
 use crate::{
     bus::{
-        AnyBus, Bus, BusError,
+        AnyBus, BusError, BusEvents,
         memory::MemoryBus,
         redis::{RedisBus, RedisSettings},
     },
-    config::{Config, redact_url},
-    hub::{ConnId, Hub},
-    session::{self, ConnectParams},
-    web,
-    ws::{SharedListener, SharedTcp, Upgrade},
+    config::Config,
+    hub::Hub,
+    routes::router,
+    state::AppState,
+    transport::WriteScheduler,
 };
 
 /// Start-up or serving failed.
@@ -50,41 +44,18 @@ pub enum AppError {
         /// Why.
         source: io::Error,
     },
-    /// The bus could not be set up (e.g. an unusable `REDIS_URL`).
-    #[error("REDIS_URL: {0}")]
+    /// The bus could not be set up (an unusable `REDIS_URL` or TLS setting).
+    #[error("{0}")]
     Bus(#[from] BusError),
     /// The HTTP server failed.
     #[error("server error: {0}")]
     Serve(#[from] io::Error),
 }
 
-/// What every request handler and session shares.
-#[derive(Debug)]
-pub struct AppState {
-    /// The validated configuration.
-    pub config: Config,
-    /// Local room membership.
-    pub hub: Arc<Hub>,
-    /// The message bus.
-    pub bus: AnyBus,
-    /// Cancelled when the instance starts shutting down.
-    pub shutdown: CancellationToken,
-    /// Every session task, so shutdown can wait for them.
-    pub tracker: TaskTracker,
-    next_conn: AtomicU64,
-    /// Open WebSocket connections (for `MAX_CONNECTIONS`).
-    connections: Arc<AtomicUsize>,
-}
-
-impl AppState {
-    /// Open WebSocket connections on this instance.
-    pub fn connection_count(&self) -> usize {
-        self.connections.load(Ordering::Relaxed)
-    }
-
-    /// A fresh connection id.
-    pub fn next_conn_id(&self) -> ConnId {
-        self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
+impl AppError {
+    /// Whether the configuration is at fault (the binary exits with code 2).
+    pub fn is_config(&self) -> bool {
+        matches!(self, AppError::Bus(e) if e.is_config())
     }
 }
 
@@ -95,60 +66,28 @@ pub struct App {
     state: Arc<AppState>,
 }
 
+/// How long, after the WebSockets are drained, plain HTTP requests still in progress may
+/// take to finish.
+const HTTP_FINISH: Duration = Duration::from_secs(5);
+
 impl App {
-    /// Sets up the bus and binds `HOST:PORT`.
+    /// Sets up the hub and the bus, then binds `HOST:PORT`. Must run inside a tokio
+    /// runtime.
     pub async fn build(config: Config) -> Result<App, AppError> {
-        let addr = SocketAddr::new(config.host, config.port);
+        let state = start(config)?;
+        let addr = SocketAddr::new(state.config.host, state.config.port);
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| AppError::Bind { addr, source })?;
-        App::with_listener(config, listener)
+        Ok(App { listener, state })
     }
 
-    /// Sets up the bus around an already bound listener (tests bind port 0).
+    /// Sets up the hub and the bus around an already bound listener (tests bind port 0).
     pub fn with_listener(config: Config, listener: TcpListener) -> Result<App, AppError> {
-        let hub = Arc::new(Hub::new(config.client_queue));
-        let bus = match &config.redis_url {
-            None => {
-                info!(
-                    instance = %config.instance_id,
-                    "no REDIS_URL: running as a single instance on the in-process bus"
-                );
-                AnyBus::Memory(MemoryBus::with_coalesce(
-                    config.history_size,
-                    hub.clone(),
-                    config.write_coalesce,
-                ))
-            }
-            Some(url) => {
-                info!(instance = %config.instance_id, redis = %redact_url(url), "using Redis");
-                let settings = RedisSettings {
-                    url: url.clone(),
-                    prefix: config.redis_prefix.clone(),
-                    history_size: config.history_size,
-                    timeout: config.redis_timeout,
-                    probe_interval: config.pubsub_probe,
-                    instance_id: config.instance_id.clone(),
-                    tls_insecure: config.redis_tls_insecure,
-                    tls_ca_file: config.redis_tls_ca_file.clone(),
-                    write_coalesce: config.write_coalesce,
-                };
-                AnyBus::Redis(RedisBus::connect(&settings, hub.clone())?)
-            }
-        };
-        let (repair_hub, repair_bus) = (hub.clone(), bus.clone());
-        // Lives as long as the process (it only ever waits or reads history).
-        tokio::spawn(async move { repair_hub.run_repairs(&repair_bus).await });
-        let state = Arc::new(AppState {
-            config,
-            hub,
-            bus,
-            shutdown: CancellationToken::new(),
-            tracker: TaskTracker::new(),
-            next_conn: AtomicU64::new(0),
-            connections: Arc::new(AtomicUsize::new(0)),
-        });
-        Ok(App { listener, state })
+        Ok(App {
+            listener,
+            state: start(config)?,
+        })
     }
 
     /// The bound address.
@@ -156,16 +95,14 @@ impl App {
         self.listener.local_addr()
     }
 
-    /// The shared state (tests inspect the bus and hub).
+    /// The shared state (tests inspect it).
     pub fn state(&self) -> &Arc<AppState> {
         &self.state
     }
 
     /// Waits until the bus is connected.
     pub async fn wait_ready(&self) {
-        if let AnyBus::Redis(bus) = &self.state.bus {
-            bus.wait_connected().await;
-        }
+        self.state.bus.wait_connected().await;
     }
 
     /// Serves until `shutdown` resolves, then drains and returns.
@@ -184,8 +121,7 @@ impl App {
         // Shutdown: `/readyz` turns 503 and upgrades are refused at once; every session
         // closes its client with 1012 at its own moment within SHUTDOWN_DRAIN_SECS. HTTP
         // keeps answering meanwhile (load balancers see the 503), and stops once the last
-        // session is gone or SHUTDOWN_GRACE_SECS have passed. axum alone would not wait
-        // for upgraded WebSockets.
+        // session is gone or SHUTDOWN_GRACE_SECS have passed.
         let drained = {
             let state = state.clone();
             async move {
@@ -207,92 +143,96 @@ impl App {
                 }
             }
         };
-        let service = router(state.clone()).into_make_service_with_connect_info::<SharedTcp>();
-        axum::serve(SharedListener(listener), service)
-            .with_graceful_shutdown(drained)
-            .await?;
+        serve(listener, router(state.clone()), drained).await;
         state.bus.shutdown().await;
         info!("stopped");
         Ok(())
     }
 }
 
-/// The HTTP routes.
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/ws", get(ws))
-        .route("/websocket", get(legacy_ws))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .fallback(web::serve)
-        .with_state(state)
+/// Starts the hub, the bus chosen by `REDIS_URL` and the repair worker.
+fn start(config: Config) -> Result<Arc<AppState>, AppError> {
+    let writes = WriteScheduler::coalescing(config.write_coalesce);
+    let hub = Arc::new(Hub::new(config.client_queue, writes));
+    let events: Arc<dyn BusEvents> = hub.clone();
+    let bus = match &config.redis_url {
+        None => {
+            info!(
+                instance = %config.instance_id,
+                "no REDIS_URL: running as a single instance on the in-process bus"
+            );
+            AnyBus::Memory(MemoryBus::new(config.history_size, events))
+        }
+        Some(url) => {
+            info!(instance = %config.instance_id, redis = ?url, "using Redis");
+            let settings = RedisSettings {
+                url: url.clone(),
+                prefix: config.redis_prefix.clone(),
+                history_size: config.history_size,
+                timeout: config.redis_timeout,
+                probe_interval: config.pubsub_probe,
+                instance_id: config.instance_id.clone(),
+                tls_insecure: config.redis_tls_insecure,
+                tls_ca_file: config.redis_tls_ca_file.clone(),
+            };
+            AnyBus::Redis(RedisBus::connect(&settings, events)?)
+        }
+    };
+    let (repair_hub, repair_bus) = (hub.clone(), bus.clone());
+    // Lives as long as the process (it only ever waits or reads history).
+    tokio::spawn(async move { repair_hub.run_repairs(&repair_bus).await });
+    Ok(Arc::new(AppState::new(config, hub, bus)))
 }
 
-async fn ws(
-    upgrade: Upgrade,
-    Query(query): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    State(state): State<Arc<AppState>>,
-) -> Response {
-    accept(upgrade, query, &headers, state, false)
-}
-
-async fn legacy_ws(
-    upgrade: Upgrade,
-    Query(query): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    State(state): State<Arc<AppState>>,
-) -> Response {
-    accept(upgrade, query, &headers, state, true)
-}
-
-/// Counts a connection until dropped.
-struct ConnectionSlot(Arc<AtomicUsize>);
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+/// Accepts HTTP/1.1 connections until `stop` resolves, then lets the requests in progress
+/// finish (at most [`HTTP_FINISH`]) and closes idle keep-alive connections. Upgraded
+/// connections are not waited for here: they belong to their sessions.
+async fn serve(mut listener: TcpListener, router: Router, stop: impl Future<Output = ()>) {
+    let connections = TaskTracker::new();
+    let closing = CancellationToken::new();
+    tokio::pin!(stop);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut stop => break,
+            // axum's accept: it retries, and backs off when out of file descriptors.
+            accepted = axum::serve::Listener::accept(&mut listener) => accepted,
+        };
+        // Frames are batched by the outbox, not by Nagle's algorithm.
+        if let Err(err) = tcp.set_nodelay(true) {
+            debug!(error = %err, "cannot set TCP_NODELAY");
+        }
+        let router = router.clone();
+        let service = service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().oneshot(request)
+        });
+        let closing = closing.clone();
+        connections.spawn(async move {
+            let connection = http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                () = closing.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(err) = served {
+                debug!(%peer, error = %err, "HTTP connection ended with an error");
+            }
+        });
     }
-}
-
-fn accept(
-    upgrade: Upgrade,
-    query: HashMap<String, String>,
-    headers: &HeaderMap,
-    state: Arc<AppState>,
-    legacy: bool,
-) -> Response {
-    if state.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
-    }
-    if !state.config.allowed_origins.allows(headers) {
-        warn!(origin = ?headers.get(axum::http::header::ORIGIN), "refused a WebSocket from another origin");
-        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
-    }
-    let open = state.connections.fetch_add(1, Ordering::Relaxed);
-    let slot = ConnectionSlot(state.connections.clone());
-    let limit = state.config.max_connections;
-    if limit > 0 && open >= limit {
-        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
-    }
-    let task = state.tracker.token();
-    upgrade.on_upgrade(move |socket| async move {
-        let _task = task;
-        let _slot = slot;
-        session::run(socket, state, ConnectParams::from_query(query), legacy).await;
-    })
-}
-
-async fn healthz() -> &'static str {
-    "ok"
-}
-
-async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    if state.shutdown.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
-    } else if state.bus.is_ready() {
-        "ready".into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "message bus not connected").into_response()
+    closing.cancel();
+    connections.close();
+    if tokio::time::timeout(HTTP_FINISH, connections.wait())
+        .await
+        .is_err()
+    {
+        debug!(
+            left = connections.len(),
+            "HTTP connections still busy at exit"
+        );
     }
 }

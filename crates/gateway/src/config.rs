@@ -1,12 +1,13 @@
 //! Configuration from the environment (and a `.env` file outside production), validated
-//! before anything binds a port. `Debug` never shows the Redis password.
+//! before anything binds a port. Secrets are held in [`Secret`], whose `Debug` redacts
+//! them, so `Config` can derive `Debug` and still never show the Redis password.
 
 use std::{fmt, net::IpAddr, time::Duration};
 
 use chat_protocol::RoomName;
 use serde::Deserialize;
 
-use crate::limits::OriginPolicy;
+use crate::admission::OriginPolicy;
 
 /// A configuration the gateway refuses to start with; names the variable.
 #[derive(Debug, thiserror::Error)]
@@ -33,15 +34,52 @@ pub enum LogFormat {
     Json,
 }
 
+/// A value that must never be logged or shown: `Debug` redacts it (a URL keeps its
+/// scheme, user and host, so logs still say where it points).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `value`.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The value itself, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// `redis://user:secret@host` → `redis://user:***@host`; anything else → `***`.
+    pub fn redacted(&self) -> String {
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return "***".into();
+        };
+        match rest.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+                format!("{scheme}://{user}:***@{host}")
+            }
+            None => self.0.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
 /// Everything the gateway reads from the environment.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Config {
     /// Address to bind (`HOST`, default `0.0.0.0`).
     pub host: IpAddr,
     /// Port to bind (`PORT`, default 4444).
     pub port: u16,
     /// Redis URL (`REDIS_URL`); `None` runs a single instance on the in-process bus.
-    pub redis_url: Option<String>,
+    pub redis_url: Option<Secret>,
     /// Prefix of every Redis key and channel (`REDIS_PREFIX`, default `chat`).
     pub redis_prefix: String,
     /// Room joined on connect when the query names none (`DEFAULT_ROOM`, default `general`).
@@ -281,7 +319,7 @@ impl Config {
         Ok(Config {
             host: raw.host.unwrap_or(IpAddr::from([0, 0, 0, 0])),
             port: raw.port.unwrap_or(4444),
-            redis_url: raw.redis_url,
+            redis_url: raw.redis_url.map(Secret::new),
             redis_prefix,
             default_room,
             history_size,
@@ -313,54 +351,6 @@ impl Config {
     }
 }
 
-/// `redis://user:secret@host` → `redis://user:***@host`.
-pub(crate) fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "***".into();
-    };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
-            format!("{scheme}://{user}:***@{host}")
-        }
-        None => url.to_owned(),
-    }
-}
-
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
-            .field("redis_prefix", &self.redis_prefix)
-            .field("default_room", &self.default_room)
-            .field("history_size", &self.history_size)
-            .field("max_text_bytes", &self.max_text_bytes)
-            .field("max_frame_bytes", &self.max_frame_bytes)
-            .field("client_queue", &self.client_queue)
-            .field("client_queue_bytes", &self.client_queue_bytes)
-            .field("rate_limit_per_sec", &self.rate_limit_per_sec)
-            .field("rate_limit_burst", &self.rate_limit_burst)
-            .field("max_connections", &self.max_connections)
-            .field("max_rooms_per_connection", &self.max_rooms_per_connection)
-            .field("allowed_origins", &self.allowed_origins)
-            .field("shutdown_drain", &self.shutdown_drain)
-            .field("ping_interval", &self.ping_interval)
-            .field("write_timeout", &self.write_timeout)
-            .field("write_coalesce", &self.write_coalesce)
-            .field("redis_timeout", &self.redis_timeout)
-            .field("pubsub_probe", &self.pubsub_probe)
-            .field("redis_tls_insecure", &self.redis_tls_insecure)
-            .field("redis_tls_ca_file", &self.redis_tls_ca_file)
-            .field("shutdown_grace", &self.shutdown_grace)
-            .field("instance_id", &self.instance_id)
-            .field("log_format", &self.log_format)
-            .field("web_dir", &self.web_dir)
-            .finish()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,7 +363,7 @@ mod tests {
     fn defaults() {
         let c = cfg(&[]).unwrap();
         assert_eq!(c.port, 4444);
-        assert_eq!(c.redis_url, None);
+        assert!(c.redis_url.is_none());
         assert_eq!(c.default_room.as_str(), "general");
         assert_eq!(c.history_size, 200);
         assert_eq!(c.ping_interval, Duration::from_secs(25));

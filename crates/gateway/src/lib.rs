@@ -1,21 +1,24 @@
 //! The chat gateway: stateless WebSocket instances that share rooms through Redis.
 //!
 //! A message's path reads straight through the modules: [`session`] (a client's frame) →
-//! [`bus`] (Redis or in-process: id, history, publish) → [`hub`] (this instance's local
-//! members of the room) → [`outbox`] (each client's bounded queue, written with `writev`
-//! of frames built once, [`ws`]).
-//! [`app`] wires them to HTTP; [`config`] reads the environment. See `docs/architecture.md`.
+//! [`bus`] (Redis or in-process: id, history, publish) → [`hub`] (the bus's events
+//! handler: this instance's local members of the room) → [`transport`] (each client's
+//! bounded outbox, written with `writev` of frames built once). [`routes`] and [`app`] wire
+//! them to HTTP and run the server; [`state`] is what they share; [`config`] reads the
+//! environment. See `docs/architecture.md` and `CONTRIBUTING.md`.
 
+pub mod admission;
 pub mod app;
 pub mod bus;
 pub mod config;
 pub mod hub;
-pub mod limits;
-pub mod outbox;
+pub mod routes;
 pub mod session;
+pub mod state;
+mod sync;
 pub mod telemetry;
+pub mod transport;
 mod web;
-pub mod ws;
 
 pub use app::{App, AppError};
 pub use config::Config;

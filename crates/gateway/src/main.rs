@@ -1,4 +1,5 @@
 //! `chat-gateway`: read the configuration, start logging, serve until SIGTERM or SIGINT.
+//! A configuration it cannot use exits with code 2 and a message naming the variable.
 
 use anyhow::Context;
 use chat_gateway::{App, Config, telemetry};
@@ -13,7 +14,14 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     telemetry::init(config.log_format);
-    let app = App::build(config).await.context("start-up failed")?;
+    let app = match App::build(config).await {
+        Ok(app) => app,
+        Err(err) if err.is_config() => {
+            eprintln!("chat-gateway: {err}");
+            std::process::exit(2);
+        }
+        Err(err) => return Err(err).context("start-up failed"),
+    };
     app.run(shutdown_signal()).await.context("server failed")?;
     Ok(())
 }

@@ -18,9 +18,9 @@ pub enum ErrorCode {
     NotJoined,
     /// Too many frames too fast.
     RateLimited,
-    /// Missing or bad credential.
+    /// Reserved for authentication; not sent yet.
     Unauthorized,
-    /// The credential does not allow this.
+    /// Not allowed: a `join` beyond `MAX_ROOMS_PER_CONNECTION`.
     Forbidden,
     /// The message bus is down: the message was not stored; the client may retry.
     Unavailable,

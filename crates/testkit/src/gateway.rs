@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use chat_gateway::{App, Config, app::AppState};
+use chat_gateway::{App, Config, state::AppState};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 

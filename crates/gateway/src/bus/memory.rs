@@ -1,25 +1,25 @@
 //! The embedded bus: one process, no Redis. Same ids, history and delivery order as the
 //! Redis bus, so `cargo run` on a fresh machine behaves like a one-instance deployment.
 //!
-//! Publishing a room's message happens under that room's lock and hands the message to
-//! the hub before releasing it, which keeps delivery in id order without a queue. The
-//! publisher's task then writes the recipients' sockets, or, with `WRITE_COALESCE_MS`,
-//! leaves them to a flusher task that writes at most once per interval.
+//! A room's id, history entry and place in the delivery queue are assigned under that
+//! room's lock. Delivery happens outside the lock, one caller at a time per room: the
+//! publisher that finds nobody delivering becomes the deliverer and hands the room's
+//! queued messages to the [`BusEvents`] handler, in id order, until the queue is empty;
+//! the others leave theirs to it. So no socket is written under a lock, and a room's
+//! messages are never handed over out of order.
 
 use std::{
     collections::{HashMap, VecDeque},
     fmt,
-    sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
-use tokio::sync::Notify;
-
+use bytes::Bytes;
 use chat_protocol::{MessageTemplate, RoomName};
 
-use super::{Bus, BusError, Epoch, History, Msg, new_epoch};
-use crate::hub::Hub;
-use crate::outbox::Dirty;
+use super::{Bus, BusError, BusEvent, BusEvents, Epoch, History, Msg, new_epoch};
+use crate::sync::lock;
 
 struct RoomLog {
     seq: u64,
@@ -27,41 +27,22 @@ struct RoomLog {
     /// gateway are told their `since` is from another life.
     epoch: Epoch,
     history: VecDeque<Msg>,
-}
-
-struct Inner {
-    rooms: Mutex<HashMap<RoomName, Arc<Mutex<RoomLog>>>>,
-    history_size: usize,
-    hub: Arc<Hub>,
-    /// With `WRITE_COALESCE_MS`: where publishers leave the outboxes to flush.
-    coalescer: Option<Arc<Coalescer>>,
-}
-
-/// Outboxes waiting for the flusher task.
-#[derive(Default)]
-struct Coalescer {
-    pending: Mutex<Dirty>,
-    wake: Notify,
-}
-
-impl Coalescer {
-    /// Flushes what publishers left, at most once per `interval`.
-    async fn run(&self, interval: Duration) {
-        let mut last = tokio::time::Instant::now();
-        loop {
-            self.wake.notified().await;
-            tokio::time::sleep_until(last + interval).await;
-            let mut due = std::mem::take(&mut *lock(&self.pending));
-            due.flush();
-            last = tokio::time::Instant::now();
-        }
-    }
+    /// Published, not yet handed to the events handler.
+    undelivered: Vec<BusEvent>,
+    /// A publisher is handing this room's messages over.
+    delivering: bool,
 }
 
 /// The in-process bus.
 #[derive(Clone)]
 pub struct MemoryBus {
     inner: Arc<Inner>,
+}
+
+struct Inner {
+    rooms: Mutex<HashMap<RoomName, Arc<Mutex<RoomLog>>>>,
+    history_size: usize,
+    events: Arc<dyn BusEvents>,
 }
 
 impl fmt::Debug for MemoryBus {
@@ -72,10 +53,6 @@ impl fmt::Debug for MemoryBus {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -83,35 +60,13 @@ fn now_ms() -> u64 {
 }
 
 impl MemoryBus {
-    /// A bus keeping `history_size` messages per room and delivering to `hub`; each
-    /// publisher writes the recipients' sockets itself.
-    pub fn new(history_size: usize, hub: Arc<Hub>) -> Self {
+    /// A bus keeping `history_size` messages per room and reporting to `events`.
+    pub fn new(history_size: usize, events: Arc<dyn BusEvents>) -> Self {
         MemoryBus {
             inner: Arc::new(Inner {
                 rooms: Mutex::new(HashMap::new()),
                 history_size,
-                hub,
-                coalescer: None,
-            }),
-        }
-    }
-
-    /// Like [`MemoryBus::new`], but the sockets are written at most once per `coalesce`
-    /// (when it is not zero) by a flusher task. Must be called inside a tokio runtime.
-    pub fn with_coalesce(history_size: usize, hub: Arc<Hub>, coalesce: Duration) -> Self {
-        let coalescer = (!coalesce.is_zero()).then(|| {
-            let coalescer = Arc::new(Coalescer::default());
-            let task = coalescer.clone();
-            // Lives as long as the process (it only ever waits or writes what is queued).
-            tokio::spawn(async move { task.run(coalesce).await });
-            coalescer
-        });
-        MemoryBus {
-            inner: Arc::new(Inner {
-                rooms: Mutex::new(HashMap::new()),
-                history_size,
-                hub,
-                coalescer,
+                events,
             }),
         }
     }
@@ -124,6 +79,8 @@ impl MemoryBus {
                     seq: 0,
                     epoch: Epoch::from(new_epoch()),
                     history: VecDeque::new(),
+                    undelivered: Vec::new(),
+                    delivering: false,
                 }))
             })
             .clone()
@@ -133,29 +90,42 @@ impl MemoryBus {
 impl Bus for MemoryBus {
     async fn publish(&self, room: &RoomName, message: &MessageTemplate) -> Result<u64, BusError> {
         let log = self.log(room);
-        let mut log = lock(&log);
-        log.seq += 1;
-        let msg = Msg::new(log.seq, message.render(log.seq, now_ms()).as_bytes());
-        log.history.push_back(msg.clone());
-        while log.history.len() > self.inner.history_size {
-            log.history.pop_front();
-        }
-        let mut dirty = Dirty::default();
-        self.inner.hub.dispatch(room.as_str(), msg, &mut dirty);
-        let id = log.seq;
-        drop(log);
-        match &self.inner.coalescer {
-            None => dirty.flush(),
-            Some(c) => {
-                lock(&c.pending).append(&mut dirty);
-                c.wake.notify_one();
+        let (id, mut batch) = {
+            let mut log = lock(&log);
+            log.seq += 1;
+            let id = log.seq;
+            let msg = Msg {
+                id,
+                json: Bytes::from(message.render(id, now_ms())),
+            };
+            log.history.push_back(msg.clone());
+            while log.history.len() > self.inner.history_size {
+                log.history.pop_front();
             }
+            log.undelivered.push(BusEvent::Message {
+                room: room.clone(),
+                msg,
+            });
+            if log.delivering {
+                // The current deliverer hands this one over too.
+                return Ok(id);
+            }
+            log.delivering = true;
+            (id, std::mem::take(&mut log.undelivered))
+        };
+        loop {
+            self.inner.events.deliver(&mut batch);
+            let mut log = lock(&log);
+            if log.undelivered.is_empty() {
+                log.delivering = false;
+                return Ok(id);
+            }
+            std::mem::swap(&mut batch, &mut log.undelivered);
         }
-        Ok(id)
     }
 
     async fn subscribe(&self, _room: &RoomName) -> Result<(), BusError> {
-        // Every publish is offered to the hub, which ignores rooms it does not serve.
+        // Every publish is reported; the handler ignores rooms it does not serve.
         Ok(())
     }
 
@@ -181,7 +151,7 @@ impl Bus for MemoryBus {
 
 /// Index of the first retained message newer than `since`, when `since` is within reach;
 /// 0 (everything) otherwise. Mirrors the Redis history script.
-pub(crate) fn tail_start(top: u64, retained: usize, since: Option<u64>) -> usize {
+fn tail_start(top: u64, retained: usize, since: Option<u64>) -> usize {
     match since {
         Some(since) if since <= top => {
             let newer = usize::try_from(top - since).unwrap_or(usize::MAX);
@@ -193,7 +163,9 @@ pub(crate) fn tail_start(top: u64, retained: usize, since: Option<u64>) -> usize
 
 #[cfg(test)]
 mod tests {
-    use super::tail_start;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
 
     #[test]
     fn tail_start_matches_the_script() {
@@ -205,5 +177,54 @@ mod tests {
         assert_eq!(tail_start(10, 5, Some(2)), 0);
         assert_eq!(tail_start(10, 5, Some(11)), 0);
         assert_eq!(tail_start(0, 0, Some(0)), 0);
+    }
+
+    /// Records delivered ids; checks that no two deliveries overlap.
+    #[derive(Default)]
+    struct Recorder {
+        ids: Mutex<Vec<u64>>,
+        busy: AtomicBool,
+    }
+
+    impl BusEvents for Recorder {
+        fn deliver(&self, events: &mut Vec<BusEvent>) {
+            assert!(
+                !self.busy.swap(true, Ordering::SeqCst),
+                "overlapping delivery"
+            );
+            for e in events.drain(..) {
+                if let BusEvent::Message { msg, .. } = e {
+                    lock(&self.ids).push(msg.id);
+                }
+            }
+            // Give concurrent publishers a chance to queue behind this delivery.
+            std::thread::yield_now();
+            self.busy.store(false, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_publishers_are_delivered_once_each_in_id_order() {
+        let recorder = Arc::new(Recorder::default());
+        let bus = MemoryBus::new(10, recorder.clone());
+        let room = RoomName::new("r").unwrap();
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (bus, room) = (bus.clone(), room.clone());
+                tokio::spawn(async move {
+                    for _ in 0..200 {
+                        let t = MessageTemplate::new(&room, "u", "m");
+                        bus.publish(&room, &t).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*lock(&recorder.ids), (1..=1600).collect::<Vec<u64>>());
+        let history = bus.history(&room, None).await.unwrap();
+        assert_eq!(history.top, 1600);
+        assert_eq!(history.messages.len(), 10);
     }
 }

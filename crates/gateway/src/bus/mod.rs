@@ -1,11 +1,12 @@
 //! The message bus: where a message gets its id, is stored in history and is published to
 //! every instance that serves its room.
 //!
-//! [`Bus`] is deliberately small (publish, subscribe, unsubscribe, history). It works per
-//! instance, not per client: the [`crate::hub::Hub`] decides when this instance needs a
-//! room's channel (first local member joins, last one leaves). Messages that arrive on a
-//! subscribed channel are handed to the hub with [`crate::hub::Hub::dispatch`]; local
-//! messages travel the same way, so every instance delivers identically.
+//! [`Bus`] is deliberately small (publish, subscribe, unsubscribe, history, readiness). It
+//! works per instance, not per client: the hub decides when this instance needs a room's
+//! channel (first local member joins, last one leaves). What arrives on subscribed
+//! channels is reported to a [`BusEvents`] handler the bus is given at start-up (the hub
+//! implements it); the bus never names the hub, and it carries payloads, not WebSocket
+//! frames. Local messages travel the same way, so every instance delivers identically.
 //!
 //! Two implementations, picked at start-up by [`AnyBus`]: [`memory::MemoryBus`] (one
 //! process, no Redis) and [`redis::RedisBus`] (fred; standalone, Sentinel, Cluster).
@@ -18,30 +19,15 @@ use std::future::Future;
 
 use bytes::Bytes;
 use chat_protocol::{MessageTemplate, RoomName};
+use serde::Deserialize;
 
-/// A stored `message` frame: its id and its exact JSON (as stored and published), framed
-/// for the WebSocket once and shared by every recipient.
+/// A stored `message` frame: its id and its exact JSON (as stored, published and replayed).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Msg {
     /// The per-room id.
     pub id: u64,
-    /// The WebSocket text frame carrying the JSON, in wire form.
-    pub wire: Bytes,
-}
-
-impl Msg {
-    /// Frames `json` (which must be UTF-8) as message `id`.
-    pub fn new(id: u64, json: &[u8]) -> Self {
-        Msg {
-            id,
-            wire: crate::ws::text_frame(json),
-        }
-    }
-
-    /// The frame's JSON.
-    pub fn json(&self) -> &[u8] {
-        crate::ws::payload(&self.wire)
-    }
+    /// The frame's JSON (UTF-8).
+    pub json: Bytes,
 }
 
 /// What a history read returned.
@@ -49,7 +35,7 @@ impl Msg {
 pub struct History {
     /// The room's last assigned id (0 when nothing was ever published).
     pub top: u64,
-    /// The room's epoch, created with its first message (none before).
+    /// The room's epoch, created with its first message or first join (none before).
     pub epoch: Option<Epoch>,
     /// Retained messages in id order: those after `since` when the store could tell they
     /// are all there, otherwise everything it retains.
@@ -66,8 +52,10 @@ pub fn new_epoch() -> String {
     format!("{:016x}", fastrand::u64(..))
 }
 
-/// The pub/sub notice that precedes a room's first message in a new epoch.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+/// The pub/sub notice that precedes a room's first message in a new epoch:
+/// `{"type":"epoch","room":"R","epoch":"…"}`. Only the Redis bus publishes it (the
+/// in-process bus reports a new epoch directly); the publish script fills in the epoch.
+#[derive(Debug, Deserialize)]
 pub struct EpochNotice {
     /// Always `"epoch"`.
     #[serde(rename = "type")]
@@ -76,6 +64,47 @@ pub struct EpochNotice {
     pub room: String,
     /// The new epoch.
     pub epoch: String,
+}
+
+impl EpochNotice {
+    /// The notice's JSON up to the epoch value; [`EpochNotice::TAIL`] follows it.
+    pub fn head(room: &RoomName) -> String {
+        // Room names are [A-Za-z0-9_-]: nothing to escape.
+        format!(r#"{{"type":"epoch","room":"{room}","epoch":""#)
+    }
+
+    /// What follows the epoch value.
+    pub const TAIL: &'static str = r#""}"#;
+}
+
+/// What a bus reports about the rooms this instance subscribed to.
+#[derive(Debug)]
+pub enum BusEvent {
+    /// A message of a subscribed room.
+    Message {
+        /// The room.
+        room: RoomName,
+        /// The message.
+        msg: Msg,
+    },
+    /// A new epoch began in `room`: its ids restart at 1.
+    NewEpoch {
+        /// The room.
+        room: RoomName,
+        /// The new epoch.
+        epoch: Epoch,
+    },
+    /// Messages may have been lost in rooms the bus cannot name (a new subscriber
+    /// connection, a lagging pub/sub reader): every room must be checked against history.
+    Lost,
+}
+
+/// The handler a bus reports to (the hub). Implementations never block.
+pub trait BusEvents: Send + Sync {
+    /// Handles events that arrived together, in order (the vector is drained), and writes
+    /// to clients once for the whole batch. A room's events are never handed over by two
+    /// callers at once, and never under a bus lock.
+    fn deliver(&self, events: &mut Vec<BusEvent>);
 }
 
 /// A bus operation failed; the client is told `unavailable`.
@@ -93,9 +122,19 @@ pub enum BusError {
     /// Redis returned data this gateway did not write.
     #[error("unexpected data in the message bus: {0}")]
     Corrupt(&'static str),
-    /// The TLS settings cannot be used.
-    #[error("TLS: {0}")]
+    /// `REDIS_URL` cannot be used (start-up only).
+    #[error("invalid REDIS_URL: {0}")]
+    InvalidUrl(fred::error::Error),
+    /// The TLS settings cannot be used (start-up only); names the variable.
+    #[error("{0}")]
     Tls(String),
+}
+
+impl BusError {
+    /// Whether this is a configuration mistake found at start-up (not a passing fault).
+    pub fn is_config(&self) -> bool {
+        matches!(self, BusError::InvalidUrl(_) | BusError::Tls(_))
+    }
 }
 
 /// The contract both buses implement.
@@ -108,11 +147,11 @@ pub trait Bus: Send + Sync {
         message: &MessageTemplate,
     ) -> impl Future<Output = Result<u64, BusError>> + Send;
 
-    /// Starts delivering `room`'s messages to the hub. Resolves once delivery is active,
-    /// so that a history read made afterwards cannot miss a message.
+    /// Starts reporting `room`'s messages. Resolves once delivery is active, so that a
+    /// history read made afterwards cannot miss a message.
     fn subscribe(&self, room: &RoomName) -> impl Future<Output = Result<(), BusError>> + Send;
 
-    /// Stops delivering `room`'s messages.
+    /// Stops reporting `room`'s messages.
     fn unsubscribe(&self, room: &RoomName) -> impl Future<Output = Result<(), BusError>> + Send;
 
     /// Reads `room`'s retained history (see [`History`]).
@@ -136,6 +175,13 @@ pub enum AnyBus {
 }
 
 impl AnyBus {
+    /// Waits until the bus can serve (Redis: both connections are up).
+    pub async fn wait_connected(&self) {
+        if let AnyBus::Redis(r) = self {
+            r.wait_connected().await;
+        }
+    }
+
     /// Closes connections (Redis: QUIT).
     pub async fn shutdown(&self) {
         if let AnyBus::Redis(r) = self {

@@ -1,45 +1,42 @@
-//! Which local connections are in which room; the gap-free hand-over of a join; and the
-//! repair of a room whose live stream lost messages.
+//! Which local connections are in which room, and how a room's messages reach them: the
+//! hub is the bus's [`BusEvents`] handler.
 //!
-//! The hub owns no sockets and no Redis connection. It is told by the bus that a message
-//! arrived ([`Hub::dispatch`]) and pushes the same shared bytes into each member's
-//! [`Outbox`]; it asks the bus to subscribe to a room when the first local member joins
-//! and to unsubscribe when the last one leaves.
+//! The hub owns no socket and no Redis connection. It asks the bus to subscribe to a room
+//! when the first local member joins and to unsubscribe when the last one leaves. When the
+//! bus reports a message, the hub frames it for the WebSocket once and queues the same
+//! shared bytes in each live member's [`Outbox`]; the outboxes are written once per batch
+//! by its [`WriteScheduler`].
 //!
 //! **Joins.** A join is registered before the history is read: from then on, live
 //! messages for the joining member are buffered in the hub. The session reads history,
-//! replays it, then calls [`Hub::go_live`], which (under the room's lock, so no dispatch
-//! can interleave) appends the buffered messages newer than the replay, queues `joined`
-//! and switches the member to live delivery.
+//! replays it, then calls [`Hub::go_live`], which (under the room's lock, so no delivery
+//! can interleave) queues the buffered messages newer than the replay, queues `joined`
+//! and switches the member to live delivery. See `session::join` for the whole algorithm.
 //!
 //! **Every live member knows the last id it was given** (`last`). Delivery skips ids at or
 //! below it (the history read and the subscription are different connections, so history
-//! can be ahead of live delivery) and notices a gap above it. A gap puts the room in
-//! repair: live delivery pauses and incoming messages are buffered while the repair worker
-//! ([`Hub::run_repairs`]) reads the missing ids from history; then each member gets exactly
-//! the ids it lacks, in order. A member whose hole is older than the history is closed
-//! with 1013 and resumes with `since` (and is told `recovered:false`). After the bus
-//! reconnects, every room is repaired the same way ([`Hub::repair_all`]).
+//! can be ahead of live delivery) and notices a gap above it, which puts the room in
+//! repair ([`repair`]).
+
+mod repair;
 
 use std::{
     collections::{HashMap, HashSet},
     fmt,
+    pin::Pin,
     sync::{Arc, Mutex, MutexGuard},
-    time::Duration,
 };
 
 use bytes::Bytes;
 use chat_protocol::RoomName;
 use tokio::sync::Notify;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::{
-    bus::{Bus, BusError, Epoch, Msg},
-    outbox::{CloseReason, Dirty, LivePush, Outbox},
+    bus::{Bus, BusError, BusEvent, BusEvents, Epoch, Msg},
+    sync::lock,
+    transport::{Class, CloseReason, ConnId, Outbox, PendingWrites, WriteScheduler, frame},
 };
-
-/// A connection's id, unique within this instance.
-pub type ConnId = u64;
 
 /// Outcome of [`Hub::go_live`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +49,10 @@ pub enum GoLive {
     /// The member is gone (it left, or the connection is closing).
     Gone,
 }
+
+/// Work that unsubscribes this instance from a room its last member left: await it, or
+/// spawn it.
+pub type Release = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 struct Member {
     outbox: Arc<Outbox>,
@@ -69,7 +70,7 @@ struct Buffer {
     msgs: Vec<Msg>,
     overflowed: bool,
     /// A new epoch began meanwhile (its ids restart at 1).
-    reset: Option<Epoch>,
+    new_epoch: Option<Epoch>,
 }
 
 impl Buffer {
@@ -92,34 +93,34 @@ struct RoomState {
     repair: Option<Buffer>,
 }
 
-impl RoomState {
-    /// Gives `msg` to a live member if it is the next id it needs; reports a gap. The
-    /// member's outbox is listed in `dirty` for the caller to flush.
-    fn deliver(member: &mut Member, msg: &Msg, dirty: &mut Dirty) -> Delivery {
-        if msg.id <= member.last {
-            Delivery::Duplicate
-        } else if msg.id == member.last + 1 {
-            member.last = msg.id;
-            member.outbox.push_live(msg.wire.clone());
-            dirty.add(&member.outbox);
-            Delivery::Delivered
-        } else {
-            Delivery::Gap
-        }
-    }
-}
-
+/// What [`deliver`] did with a message for one member.
 enum Delivery {
     Delivered,
     Duplicate,
     Gap,
 }
 
+/// Gives message `id` (in wire form) to a live member if it is the next id it needs;
+/// reports a gap. The member's outbox is listed in `pending` for the caller to write.
+fn deliver(member: &mut Member, id: u64, wire: &Bytes, pending: &mut PendingWrites) -> Delivery {
+    if id <= member.last {
+        Delivery::Duplicate
+    } else if id == member.last + 1 {
+        member.last = id;
+        // A refusal closed the outbox (too slow): nothing more to do for it.
+        let _ = member.outbox.push(wire.clone(), Class::Live);
+        pending.add(&member.outbox);
+        Delivery::Delivered
+    } else {
+        Delivery::Gap
+    }
+}
+
 struct Room {
     name: RoomName,
     state: Mutex<RoomState>,
     /// Serialises this room's bus subscribe/unsubscribe calls; `true` while subscribed.
-    /// An async mutex because it is held across the bus call (the only lock that is).
+    /// An async mutex because it is held across the bus call (the only hub lock that is).
     subscription: tokio::sync::Mutex<bool>,
 }
 
@@ -133,16 +134,13 @@ impl Room {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Critical sections here never panic; recover the data if one ever did.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Room → local members.
 pub struct Hub {
     rooms: Mutex<HashMap<RoomName, Arc<Room>>>,
     /// Live messages a join or a repair may buffer before it reads history again.
     buffer_cap: usize,
+    /// When delivered messages are written.
+    writes: WriteScheduler,
     /// Rooms waiting for the repair worker (at most one entry per room).
     repairs: Mutex<HashSet<RoomName>>,
     repair_wake: Notify,
@@ -152,16 +150,18 @@ impl fmt::Debug for Hub {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Hub")
             .field("rooms", &lock(&self.rooms).len())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
 impl Hub {
-    /// An empty hub; joins and repairs buffer at most `buffer_cap` live messages.
-    pub fn new(buffer_cap: usize) -> Self {
+    /// An empty hub; joins and repairs buffer at most `buffer_cap` live messages; delivered
+    /// messages are written by `writes`.
+    pub fn new(buffer_cap: usize, writes: WriteScheduler) -> Self {
         Hub {
             rooms: Mutex::new(HashMap::new()),
             buffer_cap,
+            writes,
             repairs: Mutex::new(HashSet::new()),
             repair_wake: Notify::new(),
         }
@@ -169,6 +169,11 @@ impl Hub {
 
     fn room(&self, name: &str) -> Option<Arc<Room>> {
         lock(&self.rooms).get(name).cloned()
+    }
+
+    /// Rooms this instance currently serves (has at least one member in).
+    pub fn room_count(&self) -> usize {
+        lock(&self.rooms).len()
     }
 
     /// Registers `conn` as a joining member of `room` and makes sure this instance is
@@ -235,7 +240,7 @@ impl Hub {
         let Some(buffer) = member.joining.as_mut() else {
             return GoLive::Gone;
         };
-        if buffer.reset.is_some() && buffer.reset != epoch {
+        if buffer.new_epoch.is_some() && buffer.new_epoch != epoch {
             // The room was reset after the history this member replayed: what it was shown
             // is from a dead epoch. It resumes and is told `recovered:false`.
             member.outbox.close(CloseReason::TooSlow);
@@ -257,12 +262,16 @@ impl Hub {
                 break;
             }
             last_id = msg.id;
-            if member.outbox.push_live(msg.wire.clone()) != LivePush::Queued {
+            if member
+                .outbox
+                .push(frame::text(&msg.json), Class::Live)
+                .is_err()
+            {
                 return GoLive::Gone;
             }
         }
         if let Some(frame) = joined(last_id)
-            && member.outbox.push_now(frame).is_err()
+            && member.outbox.push(frame, Class::Reply).is_err()
         {
             return GoLive::Gone;
         }
@@ -282,14 +291,13 @@ impl Hub {
     }
 
     /// Removes `conn` from `room` (a no-op when it is not a member). When it was the last
-    /// member, returns the work that unsubscribes this instance from the room: await it to
-    /// know the unsubscribe is done, or spawn it.
+    /// member, returns the work that unsubscribes this instance from the room.
     pub fn leave<B: Bus + Clone + 'static>(
         self: &Arc<Self>,
         room: &RoomName,
         conn: ConnId,
         bus: &B,
-    ) -> Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>> {
+    ) -> Option<Release> {
         let entry = {
             let rooms = lock(&self.rooms);
             let entry = rooms.get(room)?.clone();
@@ -328,14 +336,15 @@ impl Hub {
         }
     }
 
-    /// Delivers a message that arrived from the bus to every local member of its room.
-    /// Never waits: a member that cannot take it is closed as too slow by its outbox. The
-    /// outboxes that got it are listed in `dirty`: flush it after a batch of dispatches.
-    pub fn dispatch(&self, room: &str, msg: Msg, dirty: &mut Dirty) {
-        let Some(entry) = self.room(room) else {
+    /// Queues a message that arrived from the bus for every local member of its room,
+    /// framed once. Never waits: a member that cannot take it is closed as too slow by its
+    /// outbox. The outboxes that got it are listed in `pending`.
+    fn dispatch(&self, room: &RoomName, msg: Msg, pending: &mut PendingWrites) {
+        let Some(entry) = self.room(room.as_str()) else {
             return;
         };
         let cap = self.buffer_cap;
+        let mut wire: Option<Bytes> = None;
         let mut st = entry.state();
         let RoomState { members, repair } = &mut *st;
         let mut gap = false;
@@ -343,7 +352,10 @@ impl Hub {
             match member.joining.as_mut() {
                 Some(buffer) => buffer.push(&msg, cap),
                 None if repair.is_some() => {}
-                None => gap |= matches!(RoomState::deliver(member, &msg, dirty), Delivery::Gap),
+                None => {
+                    let wire = wire.get_or_insert_with(|| frame::text(&msg.json));
+                    gap |= matches!(deliver(member, msg.id, wire, pending), Delivery::Gap);
+                }
             }
         }
         match repair {
@@ -363,15 +375,15 @@ impl Hub {
     /// A new epoch began in `room` (its ids restart at 1): members that hold ids of an
     /// older epoch are closed with 1013 and resume with `since` and their epoch, and are
     /// told `recovered:false`. Members of an empty room simply adopt the epoch.
-    pub fn reset(&self, room: &str, epoch: Epoch) {
-        let Some(entry) = self.room(room) else {
+    fn new_epoch(&self, room: &RoomName, epoch: Epoch) {
+        let Some(entry) = self.room(room.as_str()) else {
             return;
         };
         let mut st = entry.state();
         let mut closed = 0usize;
         for member in st.members.values_mut() {
             if let Some(buffer) = member.joining.as_mut() {
-                buffer.reset = Some(epoch.clone());
+                buffer.new_epoch = Some(epoch.clone());
             } else if member.epoch.is_none() && member.last == 0 {
                 member.epoch = Some(epoch.clone());
             } else if member.epoch.as_ref() != Some(&epoch) {
@@ -386,146 +398,41 @@ impl Hub {
             warn!(%room, %epoch, closed, "room reset (new epoch): members must resume");
         }
     }
+}
 
-    /// Puts every room in repair (after the bus lost messages it cannot name, e.g. a
-    /// reconnect): each member then gets whatever it missed, from history.
-    pub fn repair_all(&self) {
-        let rooms: Vec<Arc<Room>> = lock(&self.rooms).values().cloned().collect();
-        for room in rooms {
-            let mut st = room.state();
-            if st.repair.is_none() {
-                st.repair = Some(Buffer::default());
-            }
-            drop(st);
-            self.request_repair(&room.name);
-        }
-    }
-
-    fn request_repair(&self, room: &RoomName) {
-        lock(&self.repairs).insert(room.clone());
-        self.repair_wake.notify_one();
-    }
-
-    /// The repair worker: runs for the life of the instance.
-    pub async fn run_repairs<B: Bus>(&self, bus: &B) {
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let batch: Vec<RoomName> = lock(&self.repairs).drain().collect();
-            if batch.is_empty() {
-                self.repair_wake.notified().await;
-                continue;
-            }
-            let mut failed = false;
-            for room in batch {
-                if let Err(err) = self.repair(&room, bus).await {
-                    warn!(%room, error = %err, "repair failed; will retry");
-                    lock(&self.repairs).insert(room);
-                    failed = true;
-                }
-            }
-            if failed {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            } else {
-                backoff = Duration::from_millis(50);
+impl BusEvents for Hub {
+    fn deliver(&self, events: &mut Vec<BusEvent>) {
+        let mut pending = PendingWrites::default();
+        for event in events.drain(..) {
+            match event {
+                BusEvent::Message { room, msg } => self.dispatch(&room, msg, &mut pending),
+                BusEvent::NewEpoch { room, epoch } => self.new_epoch(&room, epoch),
+                BusEvent::Lost => self.repair_all(),
             }
         }
-    }
-
-    /// Fills every live member of `room` up from history, then resumes live delivery.
-    async fn repair<B: Bus>(&self, room: &RoomName, bus: &B) -> Result<(), BusError> {
-        loop {
-            let Some(entry) = self.room(room.as_str()) else {
-                return Ok(());
-            };
-            let from = {
-                let mut st = entry.state();
-                if st.repair.is_none() {
-                    return Ok(());
-                }
-                let from = st
-                    .members
-                    .values()
-                    .filter(|m| m.joining.is_none())
-                    .map(|m| m.last)
-                    .min();
-                match from {
-                    Some(from) => from,
-                    None => {
-                        // Nobody live: joining members have their own buffers.
-                        st.repair = None;
-                        return Ok(());
-                    }
-                }
-            };
-            let history = bus.history(room, Some(from)).await?;
-            let mut st = entry.state();
-            let Some(buffer) = st.repair.take() else {
-                return Ok(());
-            };
-            if buffer.overflowed {
-                st.repair = Some(Buffer::default());
-                continue;
-            }
-            let mut msgs = history.messages;
-            msgs.extend(buffer.msgs);
-            msgs.sort_by_key(|m| m.id);
-            msgs.dedup_by_key(|m| m.id);
-            let (mut filled, mut cut) = (0usize, 0usize);
-            let mut dirty = Dirty::default();
-            for member in st.members.values_mut().filter(|m| m.joining.is_none()) {
-                let before = member.last;
-                for msg in msgs.iter().filter(|m| m.id > before) {
-                    if let Delivery::Gap = RoomState::deliver(member, msg, &mut dirty) {
-                        // Older than history: the member must resume (recovered:false).
-                        member.outbox.close(CloseReason::TooSlow);
-                        cut += 1;
-                        break;
-                    }
-                }
-                filled += usize::try_from(member.last - before).unwrap_or(0);
-            }
-            drop(st);
-            dirty.flush();
-            info!(%room, from, filled, cut, "repaired");
-            return Ok(());
-        }
-    }
-
-    /// Rooms this instance currently serves (has at least one member in).
-    pub fn room_count(&self) -> usize {
-        lock(&self.rooms).len()
-    }
-
-    /// Subscribes again to every room this instance is subscribed to, after the bus lost
-    /// its subscriptions (a new Redis connection). Each room's subscription lock keeps
-    /// this ordered with concurrent joins and leaves. Stops at the first failure.
-    pub async fn resubscribe<B: Bus>(&self, bus: &B) -> Result<usize, BusError> {
-        let rooms: Vec<Arc<Room>> = lock(&self.rooms).values().cloned().collect();
-        let mut done = 0usize;
-        for room in rooms {
-            let subscribed = room.subscription.lock().await;
-            if *subscribed {
-                bus.subscribe(&room.name).await?;
-                done += 1;
-            }
-        }
-        Ok(done)
+        self.writes.submit(pending);
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use chat_protocol::MessageTemplate;
 
     use super::*;
-    use crate::bus::memory::MemoryBus;
+    use crate::{
+        bus::memory::MemoryBus,
+        transport::{Bounds, CaptureSocket},
+    };
+
+    pub(crate) fn hub() -> Arc<Hub> {
+        Arc::new(Hub::new(16, WriteScheduler::immediate()))
+    }
 
     /// A store whose own deliveries go to a hub nobody listens to, so the hub under test
     /// only sees what the test dispatches: lost messages are simulated by not dispatching.
-    async fn store_with(n: u64) -> (MemoryBus, Vec<Msg>, RoomName) {
+    pub(crate) async fn store(history_size: usize, n: u64) -> (MemoryBus, Vec<Msg>, RoomName) {
         let room = RoomName::new("r").unwrap();
-        let bus = MemoryBus::new(100, Arc::new(Hub::new(16)));
+        let bus = MemoryBus::new(history_size, hub());
         for i in 1..=n {
             let t = MessageTemplate::new(&room, "u", &format!("m{i}"));
             bus.publish(&room, &t).await.unwrap();
@@ -534,69 +441,85 @@ mod tests {
         (bus, msgs, room)
     }
 
-    async fn drain(outbox: &Outbox) -> Vec<u64> {
-        let mut frames = Vec::new();
-        if outbox.closing().is_none() {
-            outbox.take_queued(&mut frames, usize::MAX);
-        }
-        frames
+    /// An outbox on a socket that keeps what is written.
+    pub(crate) fn member() -> (Arc<Outbox>, Arc<CaptureSocket>) {
+        let socket = CaptureSocket::unbounded();
+        let bounds = Bounds {
+            live: 100,
+            live_bytes: 1 << 20,
+        };
+        (
+            Arc::new(Outbox::new(Box::new(socket.clone()), bounds)),
+            socket,
+        )
+    }
+
+    /// Ids of the messages written to the member's socket since the last call.
+    pub(crate) fn written_ids(outbox: &Outbox, socket: &CaptureSocket) -> Vec<u64> {
+        outbox.write_or_defer();
+        socket
+            .take_payloads()
             .iter()
-            .filter_map(|f| chat_protocol::peek_id(crate::ws::payload(f)))
+            .filter_map(|p| chat_protocol::peek_id(p))
             .collect()
     }
 
-    fn dispatch(hub: &Hub, msg: &Msg) {
-        hub.dispatch("r", msg.clone(), &mut Dirty::default());
+    pub(crate) fn dispatch(hub: &Hub, msg: &Msg) {
+        hub.deliver(&mut vec![BusEvent::Message {
+            room: RoomName::new("r").unwrap(),
+            msg: msg.clone(),
+        }]);
     }
 
     #[tokio::test]
-    async fn a_gap_is_repaired_from_history_in_order_and_duplicates_are_dropped() {
-        let (bus, msgs, room) = store_with(6).await;
-        let hub = Arc::new(Hub::new(16));
-        let outbox = Arc::new(Outbox::new(100, 1 << 20));
-        hub.join(&room, 1, outbox.clone(), &bus).await.unwrap();
-        assert_eq!(hub.go_live(&room, 1, 1, None, |_| None), GoLive::Live(1));
-        dispatch(&hub, &msgs[1]); // 2
-        dispatch(&hub, &msgs[1]); // 2 again: dropped
-        dispatch(&hub, &msgs[4]); // 5: 3 and 4 were lost
-        dispatch(&hub, &msgs[5]); // 6: held while repairing
-        assert_eq!(drain(&outbox).await, vec![2]);
-        let repairs: Vec<RoomName> = lock(&hub.repairs).drain().collect();
-        assert_eq!(repairs, vec![room.clone()]);
-        hub.repair(&room, &bus).await.unwrap();
-        assert_eq!(drain(&outbox).await, vec![3, 4, 5, 6]);
-        dispatch(&hub, &msgs[5]);
-        assert_eq!(drain(&outbox).await, Vec::<u64>::new());
-    }
-
-    #[tokio::test]
-    async fn a_hole_older_than_history_closes_the_member_with_1013() {
-        let room = RoomName::new("r").unwrap();
-        let bus = MemoryBus::new(3, Arc::new(Hub::new(16)));
-        for i in 1..=8 {
-            let t = MessageTemplate::new(&room, "u", &format!("m{i}"));
-            bus.publish(&room, &t).await.unwrap();
+    async fn live_members_get_each_id_once_in_order_and_joining_members_buffer() {
+        let (bus, msgs, room) = store(100, 4).await;
+        let hub = hub();
+        let (live, live_socket) = member();
+        let (late, late_socket) = member();
+        hub.join(&room, 1, live.clone(), &bus).await.unwrap();
+        assert_eq!(hub.go_live(&room, 1, 0, None, |_| None), GoLive::Live(0));
+        hub.join(&room, 2, late.clone(), &bus).await.unwrap();
+        for msg in &msgs[..3] {
+            dispatch(&hub, msg);
         }
-        let hub = Arc::new(Hub::new(16));
-        let outbox = Arc::new(Outbox::new(100, 1 << 20));
-        hub.join(&room, 1, outbox.clone(), &bus).await.unwrap();
-        hub.go_live(&room, 1, 2, None, |_| None);
-        hub.repair_all();
-        hub.repair(&room, &bus).await.unwrap();
-        assert_eq!(outbox.closing(), Some(CloseReason::TooSlow));
+        dispatch(&hub, &msgs[0]); // a duplicate
+        assert_eq!(written_ids(&live, &live_socket), [1, 2, 3]);
+        assert_eq!(written_ids(&late, &late_socket), Vec::<u64>::new());
+        // The late member replayed up to 1: it gets 2 and 3 from its buffer, then joined.
+        let joined = hub.go_live(&room, 2, 1, None, |last| {
+            Some(frame::text(format!("joined {last}").as_bytes()))
+        });
+        assert_eq!(joined, GoLive::Live(3));
+        late.write_or_defer();
+        let frames = late_socket.take_payloads();
+        assert_eq!(frames.last().map(Vec::as_slice), Some(&b"joined 3"[..]));
+        assert_eq!(frames.len(), 3);
+        dispatch(&hub, &msgs[3]);
+        assert_eq!(written_ids(&late, &late_socket), [4]);
+        assert_eq!(written_ids(&live, &live_socket), [4]);
     }
 
     #[tokio::test]
-    async fn a_hole_in_a_join_buffer_is_repaired_after_going_live() {
-        let (bus, msgs, room) = store_with(5).await;
-        let hub = Arc::new(Hub::new(16));
-        let outbox = Arc::new(Outbox::new(100, 1 << 20));
-        hub.join(&room, 1, outbox.clone(), &bus).await.unwrap();
-        dispatch(&hub, &msgs[2]); // 3
-        dispatch(&hub, &msgs[4]); // 5 (4 lost)
-        assert_eq!(hub.go_live(&room, 1, 2, None, |_| None), GoLive::Live(3));
-        assert_eq!(drain(&outbox).await, vec![3]);
-        hub.repair(&room, &bus).await.unwrap();
-        assert_eq!(drain(&outbox).await, vec![4, 5]);
+    async fn a_new_epoch_closes_members_of_the_old_one() {
+        let (bus, msgs, room) = store(100, 2).await;
+        let hub = hub();
+        let (old, _) = member();
+        let (fresh, _) = member();
+        hub.join(&room, 1, old.clone(), &bus).await.unwrap();
+        hub.go_live(&room, 1, 0, Some(Epoch::from("e1")), |_| None);
+        dispatch(&hub, &msgs[0]);
+        hub.join(&room, 2, fresh.clone(), &bus).await.unwrap();
+        hub.deliver(&mut vec![BusEvent::NewEpoch {
+            room: room.clone(),
+            epoch: Epoch::from("e2"),
+        }]);
+        assert_eq!(old.closing(), Some(CloseReason::TooSlow));
+        // A join whose replay was from the old epoch is closed at its hand-over...
+        assert_eq!(
+            hub.go_live(&room, 2, 0, Some(Epoch::from("e1")), |_| None),
+            GoLive::Gone
+        );
+        assert_eq!(fresh.closing(), Some(CloseReason::TooSlow));
     }
 }

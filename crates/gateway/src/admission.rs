@@ -1,44 +1,51 @@
-//! Per-connection and per-instance limits: the frame rate limit (a token bucket) and the
-//! Origin check against cross-site WebSocket hijacking.
+//! Who may open a WebSocket, decided before the upgrade: the Origin check against
+//! cross-site WebSocket hijacking (`ALLOWED_ORIGINS`, refused with 403) and the
+//! instance's connection limit (`MAX_CONNECTIONS`, refused with 503).
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
 
 use axum::http::{HeaderMap, header};
-use tokio::time::Instant;
 
-/// A token bucket: `rate` frames per second on average, bursts of `burst`.
+/// Open WebSocket connections on this instance, against `MAX_CONNECTIONS`.
 #[derive(Debug)]
-pub struct RateLimit {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
+pub struct ConnectionLimit {
+    open: Arc<AtomicUsize>,
+    /// 0: no limit.
+    max: usize,
 }
 
-impl RateLimit {
-    /// A full bucket. `rate == 0` disables the limit.
-    pub fn new(rate: u32, burst: u32) -> Self {
-        RateLimit {
-            rate: f64::from(rate),
-            burst: f64::from(burst.max(1)),
-            tokens: f64::from(burst.max(1)),
-            last: Instant::now(),
+/// One admitted connection; gives its place back when dropped.
+#[derive(Debug)]
+pub struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ConnectionLimit {
+    /// At most `max` connections at once (0: no limit).
+    pub fn new(max: usize) -> Self {
+        ConnectionLimit {
+            open: Arc::new(AtomicUsize::new(0)),
+            max,
         }
     }
 
-    /// Takes a token for one frame; `false` when the client is over its rate.
-    pub fn allow(&mut self) -> bool {
-        if self.rate <= 0.0 {
-            return true;
-        }
-        let now = Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + refill).min(self.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+    /// A slot for one more connection, or `None` at the limit.
+    pub fn admit(&self) -> Option<ConnectionSlot> {
+        let before = self.open.fetch_add(1, Ordering::Relaxed);
+        let slot = ConnectionSlot(self.open.clone());
+        (self.max == 0 || before < self.max).then_some(slot)
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
     }
 }
 
@@ -147,6 +154,20 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn the_connection_limit_admits_up_to_max_and_frees_on_drop() {
+        let limit = ConnectionLimit::new(2);
+        let a = limit.admit().unwrap();
+        let _b = limit.admit().unwrap();
+        assert!(limit.admit().is_none());
+        assert_eq!(limit.open(), 2);
+        drop(a);
+        assert!(limit.admit().is_some());
+        let unlimited = ConnectionLimit::new(0);
+        let slots: Vec<_> = (0..100).map(|_| unlimited.admit().unwrap()).collect();
+        assert_eq!(unlimited.open(), slots.len());
+    }
+
     fn headers(origin: Option<&str>, host: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_str(host).unwrap());
@@ -186,20 +207,5 @@ mod tests {
                 .allows(&headers(Some("https://x"), "gw"))
         );
         assert!(OriginPolicy::parse("a b").is_err());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn token_bucket() {
-        let mut r = RateLimit::new(10, 3);
-        assert!(r.allow() && r.allow() && r.allow());
-        assert!(!r.allow());
-        tokio::time::advance(std::time::Duration::from_millis(100)).await;
-        assert!(r.allow());
-        assert!(!r.allow());
-        tokio::time::advance(std::time::Duration::from_secs(10)).await;
-        assert!(r.allow() && r.allow() && r.allow());
-        assert!(!r.allow());
-        let mut off = RateLimit::new(0, 0);
-        assert!((0..1000).all(|_| off.allow()));
     }
 }

@@ -1,0 +1,326 @@
+//! The Redis bus (fred): one multiplexed client for commands, one subscriber client for
+//! the rooms this instance serves.
+//!
+//! - [`scripts`]: publishing is one `EVALSHA` round trip (INCR the room's counter, render
+//!   the frame with that id and Redis' clock, RPUSH + LTRIM the history, PUBLISH — SPUBLISH
+//!   on a Cluster); a second script reads history atomically with the counter.
+//! - [`reader`]: the pub/sub reader task, which reports to the [`BusEvents`] handler.
+//! - [`subscriptions`] and [`health`]: what is subscribed, restoring it after a reconnect,
+//!   and the self-probe that notices a silent subscriber connection.
+//! - [`tls`]: `rediss://` with a private CA or without verification.
+//!
+//! Every command is sent at most once and bounded by `REDIS_TIMEOUT_MS`; fred drops a
+//! timed-out command it still holds, so an `unavailable` answer is not followed by a late
+//! store. (A command already written when the connection breaks has an unknown outcome:
+//! see docs/operations.md.)
+
+mod health;
+mod reader;
+mod scripts;
+mod subscriptions;
+mod tls;
+
+use std::{
+    fmt,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use chat_protocol::{MessageTemplate, RoomName};
+use fred::{
+    clients::SubscriberClient,
+    prelude::*,
+    types::{Value, config::Config as FredConfig},
+};
+use tokio::task::JoinHandle;
+use tracing::{error, warn};
+
+use super::{Bus, BusError, BusEvents, History, keys::Keys};
+use crate::sync::lock;
+use scripts::Scripts;
+use subscriptions::Subscriptions;
+
+/// Messages fred may hold for the reader task before it reports a lag.
+const PUBSUB_BUFFER: usize = 8192;
+
+struct Inner {
+    commands: Client,
+    subscriber: SubscriberClient,
+    keys: Keys,
+    scripts: Scripts,
+    timeout: Duration,
+    sharded: bool,
+    events: Arc<dyn BusEvents>,
+    subscriptions: Subscriptions,
+    /// Set when the subscriber connection breaks, cleared once every room is subscribed
+    /// again on the new connection: until then this instance may miss messages, so it
+    /// is not ready.
+    resync_pending: AtomicBool,
+    /// This instance's own channel for the delivery self-probe.
+    probe_channel: String,
+    /// The last probe token that came back through the subscriber connection.
+    probe_seen: tokio::sync::watch::Sender<u64>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The Redis-backed bus.
+#[derive(Clone)]
+pub struct RedisBus {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for RedisBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBus")
+            .field("sharded", &self.inner.sharded)
+            .field("ready", &self.is_ready())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings the Redis bus takes from the gateway's configuration.
+#[derive(Clone, Debug)]
+pub struct RedisSettings {
+    /// `redis://`, `rediss://`, `redis-sentinel://` or `redis-cluster://` URL (secret).
+    pub url: crate::config::Secret,
+    /// Key prefix.
+    pub prefix: String,
+    /// Messages kept per room.
+    pub history_size: usize,
+    /// Longest wait for one command.
+    pub timeout: Duration,
+    /// How often to check, through Redis, that the subscriber connection still delivers
+    /// (`None`: never).
+    pub probe_interval: Option<Duration>,
+    /// Names this instance's probe channel.
+    pub instance_id: String,
+    /// `rediss://` without certificate verification (Heroku).
+    pub tls_insecure: bool,
+    /// `rediss://` verified against this CA (PEM) instead of the system roots.
+    pub tls_ca_file: Option<String>,
+}
+
+impl RedisBus {
+    /// Builds the clients and starts connecting in the background (with reconnects);
+    /// fails only on unusable settings. [`Bus::is_ready`] tells when Redis is reachable.
+    pub fn connect(settings: &RedisSettings, events: Arc<dyn BusEvents>) -> Result<Self, BusError> {
+        let mut config =
+            FredConfig::from_url(settings.url.expose()).map_err(BusError::InvalidUrl)?;
+        if config.tls.is_some() {
+            if let Some(tls) = tls::client_config(settings)? {
+                config.tls = Some(fred::types::config::TlsConnector::from(tls).into());
+            }
+        } else if settings.tls_insecure || settings.tls_ca_file.is_some() {
+            warn!("REDIS_TLS_* is set but REDIS_URL is not rediss://: ignored");
+        }
+        // Keep retrying a Redis that is down at start-up instead of exiting: `/readyz`
+        // says 503 meanwhile.
+        config.fail_fast = false;
+        let sharded = config.server.is_clustered();
+        let mut builder = Builder::from_config(config);
+        builder
+            .with_performance_config(|p| {
+                p.broadcast_channel_capacity = PUBSUB_BUFFER;
+                // Applies to every command. A command that times out while fred holds it
+                // (e.g. during a reconnect back-off) is marked and never written later, so
+                // an `unavailable` answer cannot be followed by a late store.
+                p.default_command_timeout = settings.timeout;
+            })
+            .with_connection_config(|c| {
+                c.connection_timeout = settings.timeout.max(Duration::from_secs(1));
+                c.internal_command_timeout = settings.timeout.max(Duration::from_secs(1));
+                // At most once: a command in flight when the connection breaks fails
+                // instead of being replayed after the reconnect.
+                c.max_command_attempts = 1;
+                c.tcp.nodelay = Some(true);
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
+        let commands = builder.build()?;
+        let subscriber = builder.build_subscriber_client()?;
+
+        let keys = Keys::new(&settings.prefix);
+        // Take the receivers before anything is subscribed or connected, so no message
+        // and no connection event can be missed.
+        let messages = subscriber.message_rx();
+        let errors = subscriber.error_rx();
+        let connects = subscriber.reconnect_rx();
+        let probe_channel = keys.probe(&format!(
+            "{}-{:04x}",
+            settings.instance_id,
+            fastrand::u16(..)
+        ));
+        let (probe_seen, _) = tokio::sync::watch::channel(0u64);
+        let reader = reader::Reader {
+            keys: keys.clone(),
+            events: events.clone(),
+            probe_channel: probe_channel.clone(),
+            probe_seen: probe_seen.clone(),
+        };
+        let tasks = vec![
+            tokio::spawn(reader.run(messages)),
+            spawn_connection(&commands),
+            spawn_connection(&subscriber),
+        ];
+        let bus = RedisBus {
+            inner: Arc::new(Inner {
+                commands,
+                subscriber,
+                scripts: Scripts::new(
+                    keys.clone(),
+                    settings.history_size,
+                    sharded,
+                    settings.timeout,
+                ),
+                keys,
+                timeout: settings.timeout,
+                sharded,
+                events,
+                subscriptions: Subscriptions::default(),
+                resync_pending: AtomicBool::new(false),
+                probe_channel,
+                probe_seen,
+                tasks: Mutex::new(tasks),
+            }),
+        };
+        let resync = tokio::spawn(bus.clone().keep_subscriptions(errors, connects));
+        lock(&bus.inner.tasks).push(resync);
+        if let Some(every) = settings.probe_interval {
+            let probe = tokio::spawn(bus.clone().probe(every));
+            lock(&bus.inner.tasks).push(probe);
+        }
+        Ok(bus)
+    }
+
+    /// Waits until both connections are up.
+    pub async fn wait_connected(&self) {
+        while !self.inner.commands.is_connected() {
+            let _ = self.inner.commands.wait_for_connect().await;
+        }
+        while !self.inner.subscriber.is_connected() {
+            let _ = self.inner.subscriber.wait_for_connect().await;
+        }
+    }
+
+    /// Stops the reader and closes both connections.
+    pub async fn shutdown(&self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            // QUIT waits for a connection that may never come: only when connected.
+            if self.inner.subscriber.is_connected() {
+                let _ = self.inner.subscriber.quit().await;
+            }
+            if self.inner.commands.is_connected() {
+                let _ = self.inner.commands.quit().await;
+            }
+        })
+        .await;
+        for task in lock(&self.inner.tasks).drain(..) {
+            task.abort();
+        }
+    }
+
+    async fn with_timeout<T>(
+        &self,
+        fut: impl Future<Output = Result<T, fred::error::Error>>,
+    ) -> Result<T, BusError> {
+        // fred's own command timeout answers first; this is a backstop.
+        match tokio::time::timeout(self.inner.timeout * 2, fut).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(BusError::Timeout),
+        }
+    }
+
+    /// fred answers SUBSCRIBE and UNSUBSCRIBE as soon as it queues them, before Redis has
+    /// processed them. A PING on the same connection is answered only after everything
+    /// sent before it, so once it returns the subscription really is (in)active — which
+    /// the gap-free join depends on.
+    async fn barrier(&self) -> Result<(), BusError> {
+        self.with_timeout(self.inner.subscriber.ping::<Value>(None))
+            .await
+            .map(drop)
+    }
+
+    /// Subscribes `room`'s channel on the current subscriber connection and waits until
+    /// Redis has processed it.
+    async fn send_subscribe(&self, room: &RoomName) -> Result<(), BusError> {
+        let s = &self.inner.subscriber;
+        let channel = self.inner.keys.channel(room);
+        if self.inner.sharded {
+            // fred waits for SSUBSCRIBE's reply (it may be redirected).
+            self.with_timeout(s.ssubscribe(channel)).await
+        } else {
+            self.with_timeout(s.subscribe(channel)).await?;
+            self.barrier().await
+        }
+    }
+
+    async fn send_unsubscribe(&self, room: &RoomName) -> Result<(), BusError> {
+        let s = &self.inner.subscriber;
+        let channel = self.inner.keys.channel(room);
+        if self.inner.sharded {
+            self.with_timeout(s.sunsubscribe(channel)).await
+        } else {
+            self.with_timeout(s.unsubscribe(channel)).await?;
+            self.barrier().await
+        }
+    }
+}
+
+fn spawn_connection<C: ClientLike>(client: &C) -> JoinHandle<()> {
+    let handle = client.connect();
+    tokio::spawn(async move {
+        match handle.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.is_canceled() => {}
+            Ok(Err(e)) => error!(error = %e, "redis connection task ended"),
+            Err(e) => error!(error = %e, "redis connection task failed"),
+        }
+    })
+}
+
+impl Bus for RedisBus {
+    async fn publish(&self, room: &RoomName, message: &MessageTemplate) -> Result<u64, BusError> {
+        if !self.inner.commands.is_connected() {
+            return Err(BusError::Disconnected);
+        }
+        self.inner
+            .scripts
+            .publish(&self.inner.commands, room, message)
+            .await
+    }
+
+    async fn subscribe(&self, room: &RoomName) -> Result<(), BusError> {
+        if !self.inner.subscriber.is_connected() {
+            return Err(BusError::Disconnected);
+        }
+        self.inner
+            .subscriptions
+            .add(room, self.send_subscribe(room))
+            .await
+    }
+
+    async fn unsubscribe(&self, room: &RoomName) -> Result<(), BusError> {
+        self.inner
+            .subscriptions
+            .remove(room, self.send_unsubscribe(room))
+            .await
+    }
+
+    async fn history(&self, room: &RoomName, since: Option<u64>) -> Result<History, BusError> {
+        if !self.inner.commands.is_connected() {
+            return Err(BusError::Disconnected);
+        }
+        self.inner
+            .scripts
+            .history(&self.inner.commands, room, since)
+            .await
+    }
+
+    fn is_ready(&self) -> bool {
+        self.inner.commands.is_connected()
+            && self.inner.subscriber.is_connected()
+            && !self.inner.resync_pending.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,262 @@
+//! The two Lua scripts that make a publish and a history read atomic, how they are run
+//! (`EVALSHA`, loading them when Redis does not know them), and how their replies are read.
+//!
+//! Lua only concatenates: every byte of JSON (a message's, an epoch notice's) comes from
+//! Rust, so what is stored, published and replayed is exactly what serde would produce.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use chat_protocol::{MessageTemplate, RoomName, message::TEMPLATE_TAIL, peek_id};
+use fred::{
+    prelude::*,
+    types::{Value, scripts::Script},
+};
+
+use crate::bus::{BusError, Epoch, EpochNotice, History, Msg, keys::Keys, new_epoch};
+
+/// KEYS: seq, history, epoch. ARGV: channel, message head, middle, tail, history size,
+/// publish command, epoch candidate, epoch notice head, notice tail.
+///
+/// A counter that starts at 1 (a new room, or one whose data was lost) drops stale
+/// history, makes sure the room has an epoch (a join may have created it already) and
+/// publishes an epoch notice before the message, so every instance learns of a reset in
+/// order. The timestamp is Redis' clock, so `ts` follows id order whatever the instances'
+/// clocks say.
+const PUBLISH_LUA: &str = r"
+local id = redis.call('INCR', KEYS[1])
+if id == 1 then
+  redis.call('DEL', KEYS[2])
+  redis.call('SET', KEYS[3], ARGV[7], 'NX')
+  redis.call(ARGV[6], ARGV[1], ARGV[8] .. redis.call('GET', KEYS[3]) .. ARGV[9])
+end
+local t = redis.call('TIME')
+local ts = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
+local msg = ARGV[2] .. id .. ARGV[3] .. ts .. ARGV[4]
+redis.call('RPUSH', KEYS[2], msg)
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
+redis.call(ARGV[6], ARGV[1], msg)
+return id
+";
+
+/// KEYS: seq, history, epoch. ARGV: since (-1 for none), epoch candidate. Returns {top,
+/// epoch, entries}: the entries after `since` when all of them are retained, else every
+/// retained entry. Creates the room's epoch if it has none, so that `joined` always
+/// carries one.
+const HISTORY_LUA: &str = r"
+local top = tonumber(redis.call('GET', KEYS[1]) or '0')
+local epoch = redis.call('GET', KEYS[3])
+if not epoch then
+  epoch = ARGV[2]
+  redis.call('SET', KEYS[3], epoch)
+end
+local since = tonumber(ARGV[1])
+local n = redis.call('LLEN', KEYS[2])
+local start = 0
+if since >= 0 and since <= top then
+  local newer = top - since
+  if newer < n then start = n - newer end
+end
+if start >= n then return {top, epoch, {}} end
+return {top, epoch, redis.call('LRANGE', KEYS[2], start, -1)}
+";
+
+/// The scripts, and how a room's calls are spelled.
+#[derive(Debug)]
+pub(super) struct Scripts {
+    publish: Script,
+    history: Script,
+    keys: Keys,
+    history_size: String,
+    /// `PUBLISH`, or `SPUBLISH` on a Cluster (sharded pub/sub).
+    publish_command: &'static str,
+    /// Longest wait for one script call, as a backstop to fred's own command timeout.
+    backstop: Duration,
+}
+
+impl Scripts {
+    pub(super) fn new(keys: Keys, history_size: usize, sharded: bool, timeout: Duration) -> Self {
+        Scripts {
+            publish: Script::from_lua(PUBLISH_LUA),
+            history: Script::from_lua(HISTORY_LUA),
+            keys,
+            history_size: history_size.to_string(),
+            publish_command: if sharded { "SPUBLISH" } else { "PUBLISH" },
+            backstop: timeout * 4,
+        }
+    }
+
+    /// Runs the publish script for `message`; returns the id.
+    pub(super) async fn publish(
+        &self,
+        client: &Client,
+        room: &RoomName,
+        message: &MessageTemplate,
+    ) -> Result<u64, BusError> {
+        let k = &self.keys;
+        let args = vec![
+            k.channel(room),
+            message.head.clone(),
+            message.middle.clone(),
+            TEMPLATE_TAIL.to_owned(),
+            self.history_size.clone(),
+            self.publish_command.to_owned(),
+            new_epoch(),
+            EpochNotice::head(room),
+            EpochNotice::TAIL.to_owned(),
+        ];
+        self.evalsha(client, &self.publish, self.room_keys(room), args)
+            .await
+    }
+
+    /// Runs the history script.
+    pub(super) async fn history(
+        &self,
+        client: &Client,
+        room: &RoomName,
+        since: Option<u64>,
+    ) -> Result<History, BusError> {
+        let since = since.map_or_else(|| "-1".to_owned(), |s| s.to_string());
+        let reply: Value = self
+            .evalsha(
+                client,
+                &self.history,
+                self.room_keys(room),
+                vec![since, new_epoch()],
+            )
+            .await?;
+        parse_history(reply)
+    }
+
+    fn room_keys(&self, room: &RoomName) -> Vec<String> {
+        let k = &self.keys;
+        vec![k.seq(room), k.history(room), k.epoch(room)]
+    }
+
+    /// Runs a script with EVALSHA, loading it first when Redis does not know it. fred's
+    /// command timeout bounds each step.
+    async fn evalsha<R: FromValue>(
+        &self,
+        client: &Client,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<R, BusError> {
+        let run = async {
+            let first = client
+                .evalsha::<R, _, _, _>(script.sha1().clone(), keys.clone(), args.clone())
+                .await;
+            match first {
+                Err(e) if e.details().starts_with("NOSCRIPT") => {
+                    // First use on this Redis (or after SCRIPT FLUSH / a restart): the
+                    // script did not run, so loading it and trying again cannot double a
+                    // write.
+                    let lua = script.lua().cloned().unwrap_or_default();
+                    client.script_load_cluster::<(), _>(lua).await?;
+                    client.evalsha(script.sha1().clone(), keys, args).await
+                }
+                other => other,
+            }
+        };
+        match tokio::time::timeout(self.backstop, run).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(BusError::Timeout),
+        }
+    }
+}
+
+/// A stored or published payload as a message, if it is one.
+pub(super) fn to_msg(json: Bytes) -> Option<Msg> {
+    std::str::from_utf8(&json).ok()?;
+    let id = peek_id(&json)?;
+    Some(Msg { id, json })
+}
+
+/// Reads the history script's `{top, epoch, entries}`.
+fn parse_history(reply: Value) -> Result<History, BusError> {
+    let mut parts = reply.into_array().into_iter();
+    let top = parts
+        .next()
+        .and_then(|v| v.as_u64())
+        .ok_or(BusError::Corrupt("history top is not an integer"))?;
+    let epoch = parts
+        .next()
+        .and_then(|v| v.into_string())
+        .filter(|e| !e.is_empty())
+        .map(Epoch::from);
+    let entries = parts
+        .next()
+        .ok_or(BusError::Corrupt("history reply has no entries"))?;
+    let messages = entries
+        .into_array()
+        .into_iter()
+        .map(|v| {
+            v.into_bytes()
+                .and_then(to_msg)
+                .ok_or(BusError::Corrupt("history entry is not a message frame"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(History {
+        top,
+        epoch,
+        messages,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: u64) -> Value {
+        let room = RoomName::new("r").unwrap();
+        let json = MessageTemplate::new(&room, "u", "t").render(id, 1);
+        Value::Bytes(Bytes::from(json))
+    }
+
+    #[test]
+    fn a_history_reply_is_read_in_order() {
+        let reply = Value::Array(vec![
+            Value::Integer(7),
+            Value::from("e1"),
+            Value::Array(vec![entry(6), entry(7)]),
+        ]);
+        let h = parse_history(reply).unwrap();
+        assert_eq!(h.top, 7);
+        assert_eq!(h.epoch.as_deref(), Some("e1"));
+        assert_eq!(h.messages.iter().map(|m| m.id).collect::<Vec<_>>(), [6, 7]);
+    }
+
+    #[test]
+    fn a_history_reply_of_foreign_data_is_refused() {
+        for reply in [
+            Value::Array(vec![]),
+            Value::Array(vec![Value::from("x")]),
+            Value::Array(vec![Value::Integer(1), Value::from("e")]),
+            Value::Array(vec![
+                Value::Integer(1),
+                Value::from("e"),
+                Value::Array(vec![Value::from("not a message")]),
+            ]),
+        ] {
+            assert!(matches!(parse_history(reply), Err(BusError::Corrupt(_))));
+        }
+    }
+
+    #[test]
+    fn the_scripts_render_only_what_rust_gives_them() {
+        // The message's closing bytes and the notice's JSON come from Rust, not Lua.
+        assert!(PUBLISH_LUA.contains("ARGV[4]") && !PUBLISH_LUA.contains("'}'"));
+        assert!(!PUBLISH_LUA.contains("\"type\""));
+        let room = RoomName::new("lobby").unwrap();
+        let notice = format!("{}abc{}", EpochNotice::head(&room), EpochNotice::TAIL);
+        let parsed: EpochNotice = serde_json::from_str(&notice).unwrap();
+        assert_eq!(
+            (
+                parsed.kind.as_str(),
+                parsed.room.as_str(),
+                parsed.epoch.as_str()
+            ),
+            ("epoch", "lobby", "abc")
+        );
+    }
+}

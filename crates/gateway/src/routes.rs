@@ -1,0 +1,76 @@
+//! The HTTP routes: the two WebSocket endpoints (admission, then the upgrade into a
+//! session), the health checks, and the web client's files.
+
+use std::sync::Arc;
+
+use axum::{
+    Extension, Router,
+    extract::{Query, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use tracing::warn;
+
+use crate::{
+    bus::Bus,
+    session::{self, ConnectParams, Endpoint},
+    state::AppState,
+    transport::Upgrade,
+    web,
+};
+
+/// The HTTP routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/ws", get(websocket).layer(Extension(Endpoint::Ws)))
+        .route(
+            "/websocket",
+            get(websocket).layer(Extension(Endpoint::Legacy)),
+        )
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(web::serve)
+        .with_state(state)
+}
+
+/// Admits a WebSocket (not shutting down, an allowed origin, under `MAX_CONNECTIONS`)
+/// and hands it to a session once upgraded.
+async fn websocket(
+    Extension(at): Extension<Endpoint>,
+    upgrade: Upgrade,
+    Query(params): Query<ConnectParams>,
+    headers: HeaderMap,
+    State(state): State<Arc<AppState>>,
+) -> Response {
+    if state.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    if !state.config.allowed_origins.allows(&headers) {
+        warn!(origin = ?headers.get(header::ORIGIN), "refused a WebSocket from another origin");
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    let Some(slot) = state.connections.admit() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
+    };
+    let task = state.tracker.token();
+    upgrade.on_upgrade(move |socket| async move {
+        let _task = task;
+        let _slot = slot;
+        session::run(socket, state, params, at).await;
+    })
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else if state.bus.is_ready() {
+        "ready".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "message bus not connected").into_response()
+    }
+}

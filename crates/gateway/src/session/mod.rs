@@ -1,0 +1,336 @@
+//! One client's session: the inbound side of a connection. It reads frames in order and
+//! acts on them one at a time — the connect query ([`connect`]), `join` with its history
+//! replay ([`join`]), `leave`, `send` — under a frame rate limit ([`rate_limit`]).
+//! Everything it says goes through the connection's outbox, and is written when it is done
+//! with the frame; how bytes reach the socket, pings and the close handshake are the
+//! transport's business.
+//!
+//! `/websocket` connections (the original sample's clients) run the same session with
+//! `legacy = true`: only `message` frames are ever sent to them.
+
+mod connect;
+mod join;
+mod rate_limit;
+
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+
+use chat_protocol::{
+    ClientFrame, ErrorCode, FrameError, Limits, MessageTemplate, RoomName, ServerFrame, Username,
+    parse_client_frame,
+};
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info_span, warn};
+use tungstenite::Message;
+
+pub use connect::ConnectParams;
+use rate_limit::RateLimit;
+
+use crate::{
+    bus::Bus,
+    state::AppState,
+    transport::{CloseReason, ConnId, Connection, Outbox, Reader, Upgraded, frame},
+};
+
+/// The username used when neither the frame nor the connection gives one.
+pub const ANONYMOUS: &str = "anonymous";
+
+/// Consecutive refused frames after which a connection is closed with 1008.
+pub const BAD_FRAME_LIMIT: u32 = 10;
+
+/// Which endpoint a connection came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/ws`: protocol v1.
+    Ws,
+    /// `/websocket`: the original sample's clients, who only ever get `message` frames.
+    Legacy,
+}
+
+struct Session {
+    state: Arc<AppState>,
+    conn: ConnId,
+    outbox: Arc<Outbox>,
+    legacy: bool,
+    username: Option<Username>,
+    /// Rooms in join order; `false` while the join's replay is in progress.
+    rooms: Vec<(RoomName, bool)>,
+    rate: RateLimit,
+    /// Frames refused in a row (not counting `unavailable`); at [`BAD_FRAME_LIMIT`] the
+    /// connection is closed with 1008.
+    refused_in_a_row: u32,
+    /// Whether the frame being handled was refused.
+    refused: bool,
+}
+
+/// Serves one upgraded WebSocket until it closes.
+pub async fn run(upgraded: Upgraded, state: Arc<AppState>, params: ConnectParams, at: Endpoint) {
+    let conn = state.next_conn_id();
+    let legacy = at == Endpoint::Legacy;
+    let span = info_span!("conn", conn, instance = %state.config.instance_id, legacy);
+    async move {
+        let mut connection = Connection::open(upgraded, &state.transport, conn).await;
+        let rate = RateLimit::new(
+            state.config.rate_limit_per_sec,
+            state.config.rate_limit_burst,
+        );
+        let mut session = Session {
+            state,
+            conn,
+            outbox: connection.outbox.clone(),
+            legacy,
+            username: None,
+            rooms: Vec::new(),
+            rate,
+            refused_in_a_row: 0,
+            refused: false,
+        };
+        debug!("connected");
+        let reason = session.serve(&mut connection.reader, params).await;
+        session.leave_all();
+        connection.close(reason).await;
+        debug!("disconnected");
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Runs `work` unless the instance stops first (the client is closed with 1012) or the
+/// outbox starts closing for a reason of its own (which stands).
+async fn until<T>(
+    stop: Pin<&mut impl Future<Output = ()>>,
+    done: &CancellationToken,
+    work: impl Future<Output = T>,
+) -> Result<T, CloseReason> {
+    tokio::select! {
+        biased;
+        () = stop => Err(CloseReason::Restart),
+        // The first reason wins: this one is only a placeholder.
+        () = done.cancelled() => Err(CloseReason::Gone),
+        out = work => Ok(out),
+    }
+}
+
+impl Session {
+    /// Runs until the peer leaves, the outbox closes or the instance shuts down; returns
+    /// how to close the connection.
+    async fn serve(&mut self, reader: &mut Reader, params: ConnectParams) -> CloseReason {
+        // On shutdown each client is closed at its own random moment within the drain
+        // window, so they do not all reconnect elsewhere in the same millisecond.
+        let shutdown = self.state.shutdown.clone();
+        let drain = self.state.config.shutdown_drain;
+        let jitter =
+            Duration::from_millis(fastrand::u64(0..=drain.as_millis().try_into().unwrap_or(0)));
+        let stop = async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(jitter).await;
+        };
+        tokio::pin!(stop);
+        let done = self.outbox.done();
+        // Boxed: the join's call graph (bus futures included) is large, and an idle
+        // connection should not carry its state around (see docs/architecture.md).
+        if let Err(reason) = until(stop.as_mut(), &done, Box::pin(self.start(params))).await {
+            return reason;
+        }
+        self.outbox.write_or_defer();
+        loop {
+            let message = match until(stop.as_mut(), &done, reader.next()).await {
+                Err(reason) => return reason,
+                Ok(None) => return CloseReason::PeerClosed,
+                Ok(Some(Err(err))) => {
+                    debug!(error = %err, "read failed");
+                    return CloseReason::after_read_error(&err);
+                }
+                Ok(Some(Ok(message))) => message,
+            };
+            self.outbox.mark_alive();
+            let handled = Box::pin(self.on_message(message));
+            if let Err(reason) = until(stop.as_mut(), &done, handled).await {
+                return reason;
+            }
+            self.outbox.write_or_defer();
+        }
+    }
+
+    async fn on_message(&mut self, message: Message) {
+        let size = match &message {
+            Message::Text(t) => t.len(),
+            Message::Binary(b) => b.len(),
+            _ => 0,
+        };
+        if size > self.state.config.max_frame_bytes {
+            // Enforced after a whole read, so the close (1009) is clean: closing a socket
+            // with unread bytes resets it and loses the close frame.
+            debug!(size, "frame over MAX_FRAME_BYTES");
+            self.outbox.close(CloseReason::TooBig);
+            return;
+        }
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Binary(_) => {
+                let err = FrameError::new(
+                    ErrorCode::BadRequest,
+                    "binary frames are not supported: send JSON text frames",
+                );
+                return self.refuse(err).await;
+            }
+            // Pings are answered by the WebSocket layer; a close handshake finishes when
+            // the stream ends.
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {
+                return;
+            }
+        };
+        let limits = Limits {
+            max_text_bytes: self.state.config.max_text_bytes,
+        };
+        self.refused = false;
+        let frame = parse_client_frame(text.as_str(), limits);
+        if !self.rate.allow() {
+            let reference = match &frame {
+                Ok(ClientFrame::Join { reference, .. })
+                | Ok(ClientFrame::Leave { reference, .. })
+                | Ok(ClientFrame::Send { reference, .. }) => reference.clone(),
+                Err(e) => e.reference.clone(),
+            };
+            let err = FrameError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {} frames per second: slow down",
+                    self.state.config.rate_limit_per_sec
+                ),
+            );
+            self.refuse(err.with_ref(reference)).await;
+        } else {
+            self.handle(frame).await;
+        }
+        if self.refused {
+            self.refused_in_a_row += 1;
+            if self.refused_in_a_row >= BAD_FRAME_LIMIT {
+                debug!("closing a connection that sends only refused frames");
+                self.outbox.close(CloseReason::Policy);
+            }
+        } else {
+            self.refused_in_a_row = 0;
+        }
+    }
+
+    async fn handle(&mut self, frame: Result<ClientFrame, FrameError>) {
+        match frame {
+            Ok(ClientFrame::Join {
+                room,
+                since,
+                epoch,
+                reference,
+            }) => self.join(room, since, epoch, reference).await,
+            Ok(ClientFrame::Leave { room, reference }) => self.leave(room, reference).await,
+            Ok(ClientFrame::Send {
+                room,
+                text,
+                username,
+                reference,
+            }) => self.send(room, text, username, reference).await,
+            Err(err) => self.refuse(err).await,
+        }
+    }
+
+    async fn leave(&mut self, room: RoomName, reference: Option<String>) {
+        let Some(pos) = self.rooms.iter().position(|(r, live)| *r == room && *live) else {
+            let err = FrameError::new(ErrorCode::NotJoined, format!("not in room {room}"));
+            return self.refuse(err.with_ref(reference)).await;
+        };
+        self.rooms.remove(pos);
+        // Wait for a possible unsubscribe so that after `left` this instance no longer
+        // receives the room's traffic because of this client.
+        if let Some(release) = self.state.hub.leave(&room, self.conn, &self.state.bus) {
+            release.await;
+        }
+        self.reply(ServerFrame::Left {
+            room: room.to_string(),
+        })
+        .await;
+    }
+
+    async fn send(
+        &mut self,
+        room: Option<RoomName>,
+        text: String,
+        username: Option<Username>,
+        reference: Option<String>,
+    ) {
+        let room = match room {
+            Some(room) if self.rooms.iter().any(|(r, live)| *r == room && *live) => room,
+            Some(room) => {
+                let err = FrameError::new(
+                    ErrorCode::NotJoined,
+                    format!("join {room} before sending to it"),
+                );
+                return self.refuse(err.with_ref(reference)).await;
+            }
+            None => match self.rooms.iter().find(|(_, live)| *live) {
+                Some((room, _)) => room.clone(),
+                None => {
+                    let err = FrameError::new(ErrorCode::NotJoined, "join a room before sending");
+                    return self.refuse(err.with_ref(reference)).await;
+                }
+            },
+        };
+        let username = username
+            .as_ref()
+            .or(self.username.as_ref())
+            .map_or(ANONYMOUS, Username::as_str);
+        let template = MessageTemplate::new(&room, username, &text);
+        match Box::pin(self.state.bus.publish(&room, &template)).await {
+            Ok(id) => {
+                if let Some(reference) = reference {
+                    let ack = ServerFrame::Ack {
+                        reference,
+                        room: room.to_string(),
+                        id,
+                    };
+                    self.reply(ack).await;
+                }
+            }
+            Err(err) => {
+                warn!(%room, error = %err, "publish failed");
+                let err = FrameError::new(
+                    ErrorCode::Unavailable,
+                    format!("message not stored, try again: {err}"),
+                );
+                self.refuse(err.with_ref(reference)).await;
+            }
+        }
+    }
+
+    async fn refuse(&mut self, err: FrameError) {
+        debug!(code = %err.code, message = %err.message, "refused");
+        if err.code != ErrorCode::Unavailable {
+            self.refused = true;
+        }
+        self.reply(ServerFrame::Error {
+            code: err.code,
+            message: err.message,
+            reference: err.reference,
+        })
+        .await;
+    }
+
+    /// Sends a frame of the session's own (never on `/websocket`, whose clients render
+    /// every frame as a chat line).
+    async fn reply(&mut self, frame: ServerFrame) {
+        if !self.legacy {
+            // Refused only when the connection is closing: nobody to tell.
+            let _ = self
+                .outbox
+                .push_paced(frame::text(frame.to_json().as_bytes()))
+                .await;
+        }
+    }
+
+    fn leave_all(&mut self) {
+        for (room, _) in self.rooms.drain(..) {
+            if let Some(release) = self.state.hub.leave(&room, self.conn, &self.state.bus) {
+                tokio::spawn(release);
+            }
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! What every request handler and session shares, in one place, so that `app`, `routes`,
+//! `session` and `web` depend on it instead of on each other.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    admission::ConnectionLimit, bus::AnyBus, config::Config, hub::Hub, transport, transport::ConnId,
+};
+
+/// The instance's shared state.
+#[derive(Debug)]
+pub struct AppState {
+    /// The validated configuration.
+    pub config: Config,
+    /// How connections are set up (derived from `config`).
+    pub transport: transport::Settings,
+    /// Local room membership.
+    pub hub: Arc<Hub>,
+    /// The message bus.
+    pub bus: AnyBus,
+    /// Cancelled when the instance starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Every WebSocket task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Open WebSocket connections against `MAX_CONNECTIONS`.
+    pub connections: ConnectionLimit,
+    next_conn: AtomicU64,
+}
+
+impl AppState {
+    /// Shared state around a started hub and bus.
+    pub fn new(config: Config, hub: Arc<Hub>, bus: AnyBus) -> Self {
+        let transport = transport::Settings {
+            bounds: transport::Bounds {
+                live: config.client_queue,
+                live_bytes: config.client_queue_bytes,
+            },
+            // MAX_FRAME_BYTES is enforced after a whole read (see `session`); tungstenite
+            // gives up reading only at four times that.
+            read_limit: config.max_frame_bytes.saturating_mul(4),
+            ping_every: config.ping_interval,
+            write_timeout: config.write_timeout,
+        };
+        AppState {
+            connections: ConnectionLimit::new(config.max_connections),
+            config,
+            transport,
+            hub,
+            bus,
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            next_conn: AtomicU64::new(0),
+        }
+    }
+
+    /// Open WebSocket connections on this instance.
+    pub fn connection_count(&self) -> usize {
+        self.connections.open()
+    }
+
+    /// A fresh connection id.
+    pub fn next_conn_id(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}

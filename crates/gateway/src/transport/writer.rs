@@ -1,0 +1,93 @@
+//! A connection's writer task: finishes what other writers left in a full socket (bounded
+//! by `WRITE_TIMEOUT_SECS` without progress), sends keep-alive pings and judges liveness,
+//! and ends the connection with the close frame its [`CloseReason`] maps to.
+//!
+//! Not instrumented with a span: entering one each time the task is polled is measurable
+//! on the hot path. Its few logs carry `conn`.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout};
+use tracing::debug;
+
+use super::{CloseReason, ConnId, Outbox, frame};
+
+/// The writer's clock settings.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Timing {
+    /// `PING_INTERVAL_SECS`: a ping every interval; two without a sign of life end it.
+    pub(super) ping_every: Duration,
+    /// `WRITE_TIMEOUT_SECS`: longest time a full socket may take no bytes.
+    pub(super) write_timeout: Duration,
+}
+
+/// Runs until the outbox is closed and its close frame (if any) is written, or the peer is
+/// gone.
+pub(super) async fn run(outbox: Arc<Outbox>, timing: Timing, conn: ConnId) {
+    let Timing {
+        ping_every,
+        write_timeout,
+    } = timing;
+    let mut ticker = interval_at(Instant::now() + ping_every, ping_every);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut unanswered = 0u32;
+    let mut stalled_since = Instant::now();
+    // `clean`: the stream ends at a frame boundary, so a close frame may follow.
+    let (reason, clean) = loop {
+        let progress = match outbox.try_write() {
+            Ok(p) => p,
+            Err(err) => {
+                debug!(conn, error = %err, "write failed");
+                break (CloseReason::Gone, false);
+            }
+        };
+        if progress.bytes > 0 || progress.all {
+            stalled_since = Instant::now();
+        }
+        if progress.all
+            && let Some(reason) = outbox.closed_and_drained()
+        {
+            break (reason, true);
+        }
+        tokio::select! {
+            biased;
+            ready = outbox.writable(), if !progress.all => {
+                if let Err(err) = ready {
+                    debug!(conn, error = %err, "socket failed");
+                    break (CloseReason::Gone, false);
+                }
+            }
+            () = sleep_until(stalled_since + write_timeout), if !progress.all => {
+                debug!(conn, "write timed out");
+                break (CloseReason::TooSlow, false);
+            }
+            () = outbox.wait_for_work(), if progress.all => {}
+            _ = ticker.tick() => {
+                if outbox.take_alive() {
+                    unanswered = 0;
+                } else {
+                    unanswered += 1;
+                    if unanswered >= 2 {
+                        debug!(conn, "peer missed two pings");
+                        break (CloseReason::Gone, false);
+                    }
+                }
+                // Refused only while closing, when the loop ends anyway.
+                let _ = outbox.push(frame::PING, super::Class::Control);
+            }
+        }
+    };
+    outbox.close(reason);
+    let Some(close) = reason.close_frame().filter(|_| clean) else {
+        return;
+    };
+    outbox.push_close_frame(close);
+    let _ = timeout(write_timeout, async {
+        while let Ok(p) = outbox.try_write() {
+            if p.all || outbox.writable().await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+}
