@@ -133,11 +133,13 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Serve the web client from this directory instead of the embedded copy (`WEB_DIR`).
     pub web_dir: Option<String>,
+    /// Worker threads of the async runtime (`TOKIO_WORKER_THREADS`; default: one per CPU).
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Deserialize)]
 struct Raw {
-    host: Option<IpAddr>,
+    host: Option<String>,
     port: Option<u16>,
     redis_url: Option<String>,
     redis_prefix: Option<String>,
@@ -165,6 +167,7 @@ struct Raw {
     dyno: Option<String>,
     log_format: Option<String>,
     web_dir: Option<String>,
+    tokio_worker_threads: Option<usize>,
 }
 
 impl Config {
@@ -200,6 +203,12 @@ impl Config {
         let invalid = |var: &'static str, reason: &str| ConfigError::Invalid {
             var,
             reason: reason.to_owned(),
+        };
+        let host = match raw.host.as_deref() {
+            None => IpAddr::from([0, 0, 0, 0]),
+            Some(h) => h
+                .parse()
+                .map_err(|_| invalid("HOST", "must be an IP address, e.g. 0.0.0.0 or 127.0.0.1"))?,
         };
         let redis_prefix = raw.redis_prefix.unwrap_or_else(|| "chat".into());
         if redis_prefix.contains(['{', '}']) || redis_prefix.chars().any(char::is_whitespace) {
@@ -316,8 +325,12 @@ impl Config {
                 "must be at most 128 bytes without control characters",
             ));
         }
+        let worker_threads = raw.tokio_worker_threads;
+        if worker_threads == Some(0) {
+            return Err(invalid("TOKIO_WORKER_THREADS", "must be at least 1"));
+        }
         Ok(Config {
-            host: raw.host.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            host,
             port: raw.port.unwrap_or(4444),
             redis_url: raw.redis_url.map(Secret::new),
             redis_prefix,
@@ -347,6 +360,7 @@ impl Config {
             instance_id,
             log_format,
             web_dir: raw.web_dir,
+            worker_threads,
         })
     }
 }
@@ -374,6 +388,10 @@ mod tests {
     fn errors_name_the_variable() {
         for (vars, name) in [
             (&[("PORT", "http")][..], "PORT"),
+            (&[("PORT", "99999")][..], "PORT"),
+            (&[("HOST", "localhost")][..], "HOST"),
+            (&[("TOKIO_WORKER_THREADS", "0")][..], "TOKIO_WORKER_THREADS"),
+            (&[("TOKIO_WORKER_THREADS", "x")][..], "TOKIO_WORKER_THREADS"),
             (&[("HISTORY_SIZE", "0")][..], "HISTORY_SIZE"),
             (&[("DEFAULT_ROOM", "a b")][..], "DEFAULT_ROOM"),
             (&[("LOG_FORMAT", "xml")][..], "LOG_FORMAT"),

@@ -4,8 +4,7 @@
 use anyhow::Context;
 use chat_gateway::{App, Config, telemetry};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(err) => {
@@ -13,6 +12,20 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
+    // Built here rather than by #[tokio::main], so that TOKIO_WORKER_THREADS is validated
+    // with the rest of the configuration (and may come from .env).
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = config.worker_threads {
+        runtime.worker_threads(threads);
+    }
+    runtime
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
     telemetry::init(config.log_format);
     let app = match App::build(config).await {
         Ok(app) => app,

@@ -89,5 +89,8 @@ mod tests {
         assert_eq!(p.since.as_deref(), Some("x"));
         assert_eq!(p.username.as_deref(), Some("a b"));
         assert_eq!(p.epoch, None);
+        // A parameter given twice is ambiguous: the upgrade is refused (HTTP 400).
+        let twice: axum::http::Uri = "/ws?room=a&room=b".parse().unwrap();
+        assert!(Query::<ConnectParams>::try_from_uri(&twice).is_err());
     }
 }

@@ -60,7 +60,7 @@ impl RedisBus {
                 self.barrier().await?;
                 self.inner
                     .subscriptions
-                    .restore(|room| async move { self.send_subscribe(&room).await })
+                    .restore(|room| async move { self.send_subscription(&room, true).await })
                     .await
             };
             match restored.await {

@@ -242,28 +242,23 @@ impl RedisBus {
             .map(drop)
     }
 
-    /// Subscribes `room`'s channel on the current subscriber connection and waits until
-    /// Redis has processed it.
-    async fn send_subscribe(&self, room: &RoomName) -> Result<(), BusError> {
+    /// Subscribes (or unsubscribes) `room`'s channel on the current subscriber connection
+    /// and waits until Redis has processed it.
+    async fn send_subscription(&self, room: &RoomName, on: bool) -> Result<(), BusError> {
         let s = &self.inner.subscriber;
         let channel = self.inner.keys.channel(room);
-        if self.inner.sharded {
-            // fred waits for SSUBSCRIBE's reply (it may be redirected).
-            self.with_timeout(s.ssubscribe(channel)).await
-        } else {
-            self.with_timeout(s.subscribe(channel)).await?;
-            self.barrier().await
-        }
-    }
-
-    async fn send_unsubscribe(&self, room: &RoomName) -> Result<(), BusError> {
-        let s = &self.inner.subscriber;
-        let channel = self.inner.keys.channel(room);
-        if self.inner.sharded {
-            self.with_timeout(s.sunsubscribe(channel)).await
-        } else {
-            self.with_timeout(s.unsubscribe(channel)).await?;
-            self.barrier().await
+        match (self.inner.sharded, on) {
+            // fred waits for the sharded commands' replies (they may be redirected).
+            (true, true) => self.with_timeout(s.ssubscribe(channel)).await,
+            (true, false) => self.with_timeout(s.sunsubscribe(channel)).await,
+            (false, true) => {
+                self.with_timeout(s.subscribe(channel)).await?;
+                self.barrier().await
+            }
+            (false, false) => {
+                self.with_timeout(s.unsubscribe(channel)).await?;
+                self.barrier().await
+            }
         }
     }
 }
@@ -297,14 +292,14 @@ impl Bus for RedisBus {
         }
         self.inner
             .subscriptions
-            .add(room, self.send_subscribe(room))
+            .add(room, self.send_subscription(room, true))
             .await
     }
 
     async fn unsubscribe(&self, room: &RoomName) -> Result<(), BusError> {
         self.inner
             .subscriptions
-            .remove(room, self.send_unsubscribe(room))
+            .remove(room, self.send_subscription(room, false))
             .await
     }
 
