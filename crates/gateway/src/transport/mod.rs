@@ -137,6 +137,9 @@ impl Connection {
     /// Takes over an upgraded socket: splits it, starts the writer task.
     pub async fn open(upgraded: Upgraded, settings: &Settings, conn: ConnId) -> Self {
         let Upgraded { tcp, read_ahead } = upgraded;
+        // The read-ahead bytes are a slice of hyper's read buffer (8 KiB or more): keep a
+        // copy of the few bytes, not the whole buffer, for the life of the connection.
+        let read_ahead = Bytes::copy_from_slice(&read_ahead);
         let (read, write) = tcp.into_split();
         let outbox = Arc::new(Outbox::new(Box::new(write), settings.bounds));
         let config = WebSocketConfig::default()
