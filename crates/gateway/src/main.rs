@@ -39,7 +39,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM (Heroku, Kubernetes, docker stop).
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM (Heroku, Kubernetes, docker stop). It logs
+/// nothing itself: the drain must start whatever happens to the log output (the app logs
+/// "shutting down" once it has started).
 async fn shutdown_signal() {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
@@ -58,7 +60,7 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = term => tracing::info!("SIGTERM received"),
+        () = ctrl_c => {}
+        () = term => {}
     }
 }

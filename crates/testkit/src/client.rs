@@ -46,6 +46,30 @@ impl WsClient {
         Ok(WsClient { ws })
     }
 
+    /// Connects with a small receive buffer of `bytes` (which turns off the kernel's
+    /// auto-tuning), so that the server's writes block as soon as this client stops
+    /// reading: a slow reader.
+    pub async fn connect_slow_reader(url: &str, bytes: u32) -> anyhow::Result<Self> {
+        let hostport = url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split('/').next())
+            .context("not a ws:// URL")?;
+        let addr = tokio::net::lookup_host(hostport)
+            .await?
+            .next()
+            .context("no address")?;
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_recv_buffer_size(bytes)?;
+        let tcp = socket.connect(addr).await?;
+        let (ws, _) = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(tcp)),
+        )
+        .await
+        .context("connect timed out")??;
+        Ok(WsClient { ws })
+    }
+
     /// Connects with extra handshake headers (e.g. `Origin`); returns the HTTP status
     /// when the server refuses the upgrade.
     pub async fn connect_with_headers(

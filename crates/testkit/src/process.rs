@@ -18,12 +18,28 @@ pub struct GatewayProcess {
     port: u16,
     /// Log lines after start-up (JSON), for tests that look for an event.
     pub logs: mpsc::UnboundedReceiver<String>,
+    /// Reads stdout into `logs`.
+    forward: tokio::task::JoinHandle<()>,
 }
 
 impl GatewayProcess {
     /// Starts `bin` with `vars` (plus `PORT`, `HOST=127.0.0.1`, `LOG_FORMAT=json`) and
     /// waits for its "listening" log line.
     pub async fn spawn(bin: &str, vars: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::spawn_with(bin, vars, false).await
+    }
+
+    /// Like [`GatewayProcess::spawn`], with stderr piped too, so that
+    /// [`GatewayProcess::close_logs`] can close both of the process's log pipes.
+    pub async fn spawn_with_piped_logs(bin: &str, vars: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::spawn_with(bin, vars, true).await
+    }
+
+    async fn spawn_with(
+        bin: &str,
+        vars: &[(&str, &str)],
+        pipe_stderr: bool,
+    ) -> anyhow::Result<Self> {
         let port = free_port();
         let mut env: HashMap<&str, String> =
             vars.iter().map(|(k, v)| (*k, v.to_string())).collect();
@@ -41,7 +57,11 @@ impl GatewayProcess {
             .env_clear()
             .envs(env)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if pipe_stderr {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("spawn {bin}"))?;
@@ -60,14 +80,27 @@ impl GatewayProcess {
         if !matches!(started, Ok(Ok(true))) {
             bail!("{bin} did not start listening");
         }
-        tokio::spawn(async move {
+        let forward = tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 if tx.send(line).is_err() {
                     break;
                 }
             }
         });
-        Ok(GatewayProcess { child, port, logs })
+        Ok(GatewayProcess {
+            child,
+            port,
+            logs,
+            forward,
+        })
+    }
+
+    /// Closes the read ends of the process's log pipes, as a log shipper that exits does:
+    /// its next writes fail with a broken pipe.
+    pub async fn close_logs(&mut self) {
+        self.forward.abort();
+        let _ = (&mut self.forward).await;
+        drop(self.child.stderr.take());
     }
 
     /// `ws://127.0.0.1:PORT{path}`

@@ -306,4 +306,129 @@ impl RedisCluster {
     pub fn nodes(&self) -> &[RedisServer] {
         &self.nodes
     }
+
+    /// Makes every node tell clients to reach it on `ports[i]` (e.g. a [`crate::RedisProxy`]
+    /// in front of it) instead of its own port; the cluster bus keeps the real ports.
+    pub async fn announce_ports(&self, ports: &[u16]) -> anyhow::Result<()> {
+        for (node, port) in self.nodes.iter().zip(ports) {
+            let client = node.client().await?;
+            let bus = (node.port() + 10_000).to_string();
+            let port = port.to_string();
+            for (name, value) in [
+                ("cluster-announce-bus-port", &bus),
+                ("cluster-announce-port", &port),
+            ] {
+                let _: String = client
+                    .custom(
+                        fred::types::CustomCommand::new_static("CONFIG", None, false),
+                        vec!["SET", name, value.as_str()],
+                    )
+                    .await?;
+            }
+        }
+        // Every node must see every other one's new address before clients ask.
+        let expected: Vec<String> = ports.iter().map(|p| format!(":{p}@")).collect();
+        self.until_every_node(|nodes| expected.iter().all(|p| nodes.contains(p)))
+            .await
+    }
+
+    /// The node (by index) that owns `slot`, and every node's id, from `CLUSTER NODES`.
+    async fn layout(&self, slot: u16) -> anyhow::Result<(usize, Vec<String>)> {
+        let mut ids = Vec::new();
+        let mut owner = None;
+        for (i, node) in self.nodes.iter().enumerate() {
+            let client = node.client().await?;
+            let nodes = cluster(&client, &["NODES"]).await?;
+            let myself = nodes
+                .lines()
+                .find(|l| l.contains("myself"))
+                .context("CLUSTER NODES has no `myself` line")?;
+            let mut fields = myself.split_whitespace();
+            ids.push(fields.next().context("no node id")?.to_owned());
+            let owns = fields.skip(7).any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
+            });
+            if owns {
+                owner = Some(i);
+            }
+        }
+        Ok((owner.context("no node owns the slot")?, ids))
+    }
+
+    /// The index of the node that owns `slot`.
+    pub async fn owner_of(&self, slot: u16) -> anyhow::Result<usize> {
+        Ok(self.layout(slot).await?.0)
+    }
+
+    /// Moves `slot` to node `to` the way `redis-cli --cluster reshard` does: IMPORTING on
+    /// the target, MIGRATING on the source, MIGRATE of its keys, then SETSLOT … NODE on
+    /// every node. Returns the index of the node it came from.
+    pub async fn migrate_slot(&self, slot: u16, to: usize) -> anyhow::Result<usize> {
+        let (from, ids) = self.layout(slot).await?;
+        anyhow::ensure!(from != to, "slot {slot} is already on node {to}");
+        let slot_arg = slot.to_string();
+        let source = self.nodes[from].client().await?;
+        let target = self.nodes[to].client().await?;
+        cluster(&target, &["SETSLOT", &slot_arg, "IMPORTING", &ids[from]]).await?;
+        cluster(&source, &["SETSLOT", &slot_arg, "MIGRATING", &ids[to]]).await?;
+        loop {
+            let keys: Vec<String> = source
+                .custom(
+                    fred::types::CustomCommand::new_static("CLUSTER", None, false),
+                    vec!["GETKEYSINSLOT", &slot_arg, "1000"],
+                )
+                .await?;
+            if keys.is_empty() {
+                break;
+            }
+            let port = self.nodes[to].port().to_string();
+            let mut args = vec!["127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().map(String::as_str));
+            let _: String = source
+                .custom(
+                    fred::types::CustomCommand::new_static("MIGRATE", None, false),
+                    args,
+                )
+                .await?;
+        }
+        for node in [to, from]
+            .into_iter()
+            .chain((0..self.nodes.len()).filter(|i| *i != to && *i != from))
+        {
+            let client = self.nodes[node].client().await?;
+            cluster(&client, &["SETSLOT", &slot_arg, "NODE", &ids[to]]).await?;
+        }
+        Ok(from)
+    }
+
+    /// Waits until `check` holds for every node's `CLUSTER NODES` output (gossip has no
+    /// event to await).
+    async fn until_every_node(&self, check: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        for node in &self.nodes {
+            let client = node.client().await?;
+            loop {
+                let nodes = cluster(&client, &["NODES"]).await?;
+                if check(&nodes) {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    bail!("cluster nodes did not converge: {nodes}");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `CLUSTER <args>` as text.
+async fn cluster(client: &Client, args: &[&str]) -> anyhow::Result<String> {
+    Ok(client
+        .custom(
+            fred::types::CustomCommand::new_static("CLUSTER", None, false),
+            args.to_vec(),
+        )
+        .await?)
 }

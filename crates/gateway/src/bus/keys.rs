@@ -38,9 +38,21 @@ impl Keys {
         format!("{}:{{{room}}}", self.prefix)
     }
 
-    /// `chat:probe:{instance}` — an instance's own channel for its delivery self-probe.
+    /// `chat:probe:INSTANCE` — an instance's own channel for its delivery self-probe.
     pub fn probe(&self, instance: &str) -> String {
-        format!("{}:probe:{instance}", self.prefix)
+        format!("{}{instance}", self.probe_prefix())
+    }
+
+    /// `chat:probe:{INSTANCE-N}` — on a Cluster, one of an instance's per-shard probe
+    /// channels: the hash tag decides which primary's slot (and so which subscriber
+    /// connection) it lands on.
+    pub fn shard_probe(&self, instance: &str, n: u32) -> String {
+        format!("{}{{{instance}-{n}}}", self.probe_prefix())
+    }
+
+    /// What every probe channel starts with.
+    pub fn probe_prefix(&self) -> String {
+        format!("{}:probe:", self.prefix)
     }
 
     /// The room a channel name belongs to, if it is one of ours.
@@ -67,5 +79,9 @@ mod tests {
         assert_eq!(k.room_of_channel("chat:{general}"), Some("general"));
         assert_eq!(k.room_of_channel("other:{general}"), None);
         assert_eq!(k.room_of_channel("chat:{general}:x"), None);
+        assert_eq!(k.probe("web-1"), "chat:probe:web-1");
+        assert_eq!(k.shard_probe("web-1", 7), "chat:probe:{web-1-7}");
+        assert!(k.shard_probe("web-1", 7).starts_with(&k.probe_prefix()));
+        assert_eq!(k.room_of_channel(&k.shard_probe("web-1", 7)), None);
     }
 }

@@ -97,6 +97,12 @@ pub enum BusEvent {
     /// Messages may have been lost in rooms the bus cannot name (a new subscriber
     /// connection, a lagging pub/sub reader): every room must be checked against history.
     Lost,
+    /// Messages of `room` may have been lost (its subscription moved to another Redis
+    /// Cluster node): the room must be checked against history.
+    LostRoom {
+        /// The room.
+        room: RoomName,
+    },
 }
 
 /// The handler a bus reports to (the hub). Implementations never block.

@@ -383,6 +383,8 @@ impl Hub {
         let mut closed = 0usize;
         for member in st.members.values_mut() {
             if let Some(buffer) = member.joining.as_mut() {
+                // What it buffered so far is from the old epoch: its ids mean nothing now.
+                buffer.msgs.clear();
                 buffer.new_epoch = Some(epoch.clone());
             } else if member.epoch.is_none() && member.last == 0 {
                 member.epoch = Some(epoch.clone());
@@ -408,6 +410,7 @@ impl BusEvents for Hub {
                 BusEvent::Message { room, msg } => self.dispatch(&room, msg, &mut pending),
                 BusEvent::NewEpoch { room, epoch } => self.new_epoch(&room, epoch),
                 BusEvent::Lost => self.repair_all(),
+                BusEvent::LostRoom { room } => self.repair_room(&room),
             }
         }
         self.writes.submit(pending);

@@ -6,8 +6,10 @@
 //! ([`Hub::run_repairs`], one task per instance) reads the missing ids from history; then
 //! each member gets exactly the ids it lacks, in order, and live delivery resumes. A member
 //! whose hole is older than the history is closed with 1013 and resumes with `since` (and
-//! is told `recovered:false`). When the bus reports that messages may have been lost in
-//! rooms it cannot name, every room is repaired the same way ([`Hub::repair_all`]).
+//! is told `recovered:false`); so is one whose epoch is not the room's any more (its data
+//! was lost and its ids started again while this instance was not listening). When the
+//! bus reports that messages may have been lost in rooms it cannot name, every room is
+//! repaired the same way ([`Hub::repair_all`]).
 
 use std::sync::Arc;
 
@@ -28,13 +30,24 @@ impl Hub {
     pub(super) fn repair_all(&self) {
         let rooms: Vec<Arc<Room>> = lock(&self.rooms).values().cloned().collect();
         for room in rooms {
-            let mut st = room.state();
-            if st.repair.is_none() {
-                st.repair = Some(Buffer::default());
-            }
-            drop(st);
-            self.request_repair(&room.name);
+            self.start_repair(&room);
         }
+    }
+
+    /// Puts one room in repair.
+    pub(super) fn repair_room(&self, name: &RoomName) {
+        if let Some(room) = self.room(name.as_str()) {
+            self.start_repair(&room);
+        }
+    }
+
+    fn start_repair(&self, room: &Room) {
+        let mut st = room.state();
+        if st.repair.is_none() {
+            st.repair = Some(Buffer::default());
+        }
+        drop(st);
+        self.request_repair(&room.name);
     }
 
     pub(super) fn request_repair(&self, room: &RoomName) {
@@ -103,6 +116,7 @@ impl Hub {
                 st.repair = Some(Buffer::default());
                 continue;
             }
+            let (top, epoch) = (history.top, history.epoch.clone());
             let mut msgs = history.messages;
             msgs.extend(buffer.msgs);
             msgs.sort_by_key(|m| m.id);
@@ -112,6 +126,18 @@ impl Hub {
             let (mut filled, mut cut) = (0usize, 0usize);
             let mut pending = PendingWrites::default();
             for member in st.members.values_mut().filter(|m| m.joining.is_none()) {
+                if member.epoch.is_none() {
+                    member.epoch.clone_from(&epoch);
+                }
+                if member.epoch != epoch || member.last > top {
+                    // The room's data was lost and its ids started again (a new epoch this
+                    // instance was not subscribed to hear of): the ids this member holds
+                    // mean nothing now. It resumes with `since` and is told
+                    // `recovered:false`.
+                    member.outbox.close(CloseReason::TooSlow);
+                    cut += 1;
+                    continue;
+                }
                 let before = member.last;
                 for (id, wire) in framed.iter().filter(|(id, _)| *id > before) {
                     if let Delivery::Gap = deliver(member, *id, wire, &mut pending) {
@@ -169,6 +195,24 @@ mod tests {
         hub.repair_all();
         hub.repair(&room, &bus).await.unwrap();
         assert_eq!(outbox.closing(), Some(CloseReason::TooSlow));
+    }
+
+    #[tokio::test]
+    async fn a_member_of_another_epoch_is_closed_not_silently_skipped() {
+        // The store's epoch is random; the member holds ids 1..=5 of an older one.
+        let (bus, _, room) = store(100, 8).await;
+        let hub = hub();
+        let (outbox, socket) = member();
+        hub.join(&room, 1, outbox.clone(), &bus).await.unwrap();
+        let old = crate::bus::Epoch::from("old-epoch");
+        assert_eq!(
+            hub.go_live(&room, 1, 5, Some(old), |_| None),
+            GoLive::Live(5)
+        );
+        hub.repair_all();
+        hub.repair(&room, &bus).await.unwrap();
+        assert_eq!(outbox.closing(), Some(CloseReason::TooSlow));
+        assert_eq!(written_ids(&outbox, &socket), Vec::<u64>::new());
     }
 
     #[tokio::test]

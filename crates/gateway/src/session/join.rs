@@ -39,7 +39,7 @@ impl Session {
         &mut self,
         room: RoomName,
         since: Option<u64>,
-        epoch: Option<String>,
+        mut epoch: Option<String>,
         reference: Option<String>,
     ) {
         if self.rooms.iter().any(|(r, _)| *r == room) {
@@ -131,7 +131,9 @@ impl Session {
                     return;
                 }
                 GoLive::Retry => {
+                    // Continue from what was just replayed, in the epoch it came from.
                     since = Some(plan.last_id);
+                    epoch = plan.epoch.as_deref().map(str::to_owned);
                     first_pass = false;
                 }
                 GoLive::Gone => return,

@@ -56,8 +56,8 @@ struct Session {
     /// Rooms in join order; `false` while the join's replay is in progress.
     rooms: Vec<(RoomName, bool)>,
     rate: RateLimit,
-    /// Frames refused in a row (not counting `unavailable`); at [`BAD_FRAME_LIMIT`] the
-    /// connection is closed with 1008.
+    /// Frames refused in a row (not counting `unavailable` and `rate_limited`); at
+    /// [`BAD_FRAME_LIMIT`] the connection is closed with 1008.
     refused_in_a_row: u32,
     /// Whether the frame being handled was refused.
     refused: bool,
@@ -111,9 +111,27 @@ async fn until<T>(
     }
 }
 
+/// Runs `work` unless the outbox starts closing first (its reason stands).
+async fn until_closed<T>(
+    done: &CancellationToken,
+    work: impl Future<Output = T>,
+) -> Result<T, CloseReason> {
+    tokio::select! {
+        biased;
+        // The first reason wins: this one is only a placeholder.
+        () = done.cancelled() => Err(CloseReason::Gone),
+        out = work => Ok(out),
+    }
+}
+
 impl Session {
     /// Runs until the peer leaves, the outbox closes or the instance shuts down; returns
     /// how to close the connection.
+    ///
+    /// The shutdown is only noticed while waiting for the next frame: a frame being
+    /// handled is finished first, so a publish in flight gets its `ack` (or its error)
+    /// before the connection is closed with 1012 (and the client, resuming elsewhere, does
+    /// not send it again). The close itself writes everything already queued first.
     async fn serve(&mut self, reader: &mut Reader, params: ConnectParams) -> CloseReason {
         // On shutdown each client is closed at its own random moment within the drain
         // window, so they do not all reconnect elsewhere in the same millisecond.
@@ -129,7 +147,7 @@ impl Session {
         let done = self.outbox.done();
         // Boxed: the join's call graph (bus futures included) is large, and an idle
         // connection should not carry its state around (see docs/architecture.md).
-        if let Err(reason) = until(stop.as_mut(), &done, Box::pin(self.start(params))).await {
+        if let Err(reason) = until_closed(&done, Box::pin(self.start(params))).await {
             return reason;
         }
         self.outbox.write_or_defer();
@@ -144,8 +162,7 @@ impl Session {
                 Ok(Some(Ok(message))) => message,
             };
             self.outbox.mark_alive();
-            let handled = Box::pin(self.on_message(message));
-            if let Err(reason) = until(stop.as_mut(), &done, handled).await {
+            if let Err(reason) = until_closed(&done, Box::pin(self.on_message(message))).await {
                 return reason;
             }
             self.outbox.write_or_defer();
@@ -183,9 +200,10 @@ impl Session {
         let limits = Limits {
             max_text_bytes: self.state.config.max_text_bytes,
         };
-        self.refused = false;
         let frame = parse_client_frame(text.as_str(), limits);
         if !self.rate.allow() {
+            // A burst (a paste, a client re-sending after a reconnect) is not garbage: a
+            // rate-limited frame neither counts toward BAD_FRAME_LIMIT nor resets it.
             let reference = match &frame {
                 Ok(ClientFrame::Join { reference, .. })
                 | Ok(ClientFrame::Leave { reference, .. })
@@ -199,10 +217,10 @@ impl Session {
                     self.state.config.rate_limit_per_sec
                 ),
             );
-            self.refuse(err.with_ref(reference)).await;
-        } else {
-            self.handle(frame).await;
+            return self.refuse(err.with_ref(reference)).await;
         }
+        self.refused = false;
+        self.handle(frame).await;
         if self.refused {
             self.refused_in_a_row += 1;
             if self.refused_in_a_row >= BAD_FRAME_LIMIT {
@@ -303,7 +321,7 @@ impl Session {
 
     async fn refuse(&mut self, err: FrameError) {
         debug!(code = %err.code, message = %err.message, "refused");
-        if err.code != ErrorCode::Unavailable {
+        if !matches!(err.code, ErrorCode::Unavailable | ErrorCode::RateLimited) {
             self.refused = true;
         }
         self.reply(ServerFrame::Error {

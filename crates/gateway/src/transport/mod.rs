@@ -87,6 +87,13 @@ impl CloseReason {
         Some(frame::close(code, reason))
     }
 
+    /// Whether the frames already queued are written before the close frame: on a
+    /// restart (the client did nothing wrong, and an `ack` queued for it must not be lost);
+    /// otherwise they are dropped.
+    pub fn writes_queue_first(self) -> bool {
+        self == CloseReason::Restart
+    }
+
     /// How a failed read ends the connection.
     pub fn after_read_error(err: &tungstenite::Error) -> Self {
         use tungstenite::error::ProtocolError as P;

@@ -259,8 +259,10 @@ impl Outbox {
         }
     }
 
-    /// Starts closing; the first reason wins. Queued frames are dropped (for
-    /// [`CloseReason::PeerClosed`], all but control frames).
+    /// Starts closing; the first reason wins. Nothing new is accepted (but control frames
+    /// after [`CloseReason::PeerClosed`]); what is queued is dropped (for `PeerClosed`,
+    /// all but control frames), except on a restart, which writes it all before its
+    /// close frame.
     pub fn close(&self, reason: CloseReason) {
         let st = self.lock();
         if st.closing.is_none() {
@@ -273,7 +275,9 @@ impl Outbox {
 
     fn start_closing(&self, mut st: MutexGuard<'_, State>, reason: CloseReason) {
         st.closing = Some(reason);
-        st.discard(reason == CloseReason::PeerClosed);
+        if !reason.writes_queue_first() {
+            st.discard(reason == CloseReason::PeerClosed);
+        }
         drop(st);
         self.wake_writer.notify_one();
         self.space.notify_one();
@@ -544,6 +548,20 @@ pub(crate) mod tests {
         assert_eq!(o.closing(), Some(CloseReason::PeerClosed));
     }
 
+    #[test]
+    fn a_restart_writes_what_is_queued_before_closing() {
+        let s = CaptureSocket::unbounded();
+        let o = outbox(&s, 10, 1 << 20);
+        o.push(f("live"), Class::Live).unwrap();
+        o.push(f("ack"), Class::Reply).unwrap();
+        o.close(CloseReason::Restart);
+        assert_eq!(o.push(f("late"), Class::Live), Err(Closed));
+        assert_eq!(o.closed_and_drained(), None, "the queue is written first");
+        o.write_or_defer();
+        assert_eq!(s.take_bytes(), b"liveack");
+        assert_eq!(o.closed_and_drained(), Some(CloseReason::Restart));
+    }
+
     #[tokio::test]
     async fn a_paced_push_waits_for_the_socket_instead_of_failing() {
         let s = CaptureSocket::full();
@@ -649,7 +667,7 @@ pub(crate) mod tests {
         o.push(big.clone(), Class::Live).unwrap();
         o.push(f("dropped"), Class::Live).unwrap();
         assert!(!o.try_write().unwrap().all);
-        o.close(CloseReason::Restart);
+        o.close(CloseReason::Policy);
         assert_eq!(o.push(f("not-queued"), Class::Control), Err(Closed));
         {
             let st = o.lock();
@@ -661,6 +679,6 @@ pub(crate) mod tests {
         client.read_exact(&mut got).await.unwrap();
         writer.await.unwrap();
         assert!(got == big, "the big frame arrives whole");
-        assert_eq!(o.closed_and_drained(), Some(CloseReason::Restart));
+        assert_eq!(o.closed_and_drained(), Some(CloseReason::Policy));
     }
 }

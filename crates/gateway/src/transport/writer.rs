@@ -1,6 +1,8 @@
 //! A connection's writer task: finishes what other writers left in a full socket (bounded
-//! by `WRITE_TIMEOUT_SECS` without progress), sends keep-alive pings and judges liveness,
-//! and ends the connection with the close frame its [`CloseReason`] maps to.
+//! by `WRITE_TIMEOUT_SECS` without progress), sends keep-alive pings and judges liveness
+//! (any frame from the peer, or a full socket draining, is a sign of life; two ping
+//! intervals without one end the connection), and ends the connection with the close
+//! frame its [`CloseReason`] maps to.
 //!
 //! Not instrumented with a span: entering one each time the task is polled is measurable
 //! on the hot path. Its few logs carry `conn`.
@@ -32,6 +34,9 @@ pub(super) async fn run(outbox: Arc<Outbox>, timing: Timing, conn: ConnId) {
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut unanswered = 0u32;
     let mut stalled_since = Instant::now();
+    // The socket was full and became writable again: the peer's TCP acknowledged data,
+    // so it is reading (e.g. a long replay while the session cannot read its pongs).
+    let mut drained = false;
     // `clean`: the stream ends at a frame boundary, so a close frame may follow.
     let (reason, clean) = loop {
         let progress = match outbox.try_write() {
@@ -44,6 +49,10 @@ pub(super) async fn run(outbox: Arc<Outbox>, timing: Timing, conn: ConnId) {
         if progress.bytes > 0 || progress.all {
             stalled_since = Instant::now();
         }
+        if drained && progress.bytes > 0 {
+            outbox.mark_alive();
+        }
+        drained = false;
         if progress.all
             && let Some(reason) = outbox.closed_and_drained()
         {
@@ -56,6 +65,7 @@ pub(super) async fn run(outbox: Arc<Outbox>, timing: Timing, conn: ConnId) {
                     debug!(conn, error = %err, "socket failed");
                     break (CloseReason::Gone, false);
                 }
+                drained = true;
             }
             () = sleep_until(stalled_since + write_timeout), if !progress.all => {
                 debug!(conn, "write timed out");

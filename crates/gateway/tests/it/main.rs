@@ -3,11 +3,13 @@
 #![allow(missing_debug_implementations)]
 //! `redis-server` per Redis-backed test (see `chat-testkit`).
 
+mod cluster;
 mod fuzz;
 mod lifecycle;
 mod limits;
 mod multi;
 mod process;
+mod reliability;
 mod single;
 
 use chat_testkit::{RedisServer, TestGateway, WsClient};

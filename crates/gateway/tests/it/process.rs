@@ -138,3 +138,23 @@ async fn sigkill_loses_nothing_acked_and_clients_resume_elsewhere() -> anyhow::R
     assert_eq!(seen, (1..=N).collect::<Vec<_>>());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_even_when_the_log_reader_has_gone() -> anyhow::Result<()> {
+    let mut gw = GatewayProcess::spawn_with_piped_logs(
+        BIN,
+        &[("SHUTDOWN_DRAIN_SECS", "0"), ("SHUTDOWN_GRACE_SECS", "3")],
+    )
+    .await?;
+    ready(&gw).await?;
+    // The log shipper exits: every log line from now on meets a broken pipe, on stdout
+    // and on stderr.
+    gw.close_logs().await;
+    let (mut c, _) = WsClient::connect_ws(&gw.ws_url("/ws")).await?;
+    c.until_joined("general").await?;
+    gw.signal("TERM").await?;
+    ensure!(c.closed().await? == Some(close::RESTART));
+    let code = gw.wait(WAIT).await?;
+    ensure!(code == Some(0), "exit code {code:?} after SIGTERM");
+    Ok(())
+}

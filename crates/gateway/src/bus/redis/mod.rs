@@ -5,8 +5,10 @@
 //!   the frame with that id and Redis' clock, RPUSH + LTRIM the history, PUBLISH — SPUBLISH
 //!   on a Cluster); a second script reads history atomically with the counter.
 //! - [`reader`]: the pub/sub reader task, which reports to the [`BusEvents`] handler.
-//! - [`subscriptions`] and [`health`]: what is subscribed, restoring it after a reconnect,
-//!   and the self-probe that notices a silent subscriber connection.
+//! - [`subscriptions`] and [`health`]: what is subscribed (and where), restoring it after a
+//!   reconnect, and the self-probe that notices a silent subscriber connection.
+//! - [`cluster`]: on a Redis Cluster, following a room's slot to its new owner, and a
+//!   probe channel on every primary.
 //! - [`tls`]: `rediss://` with a private CA or without verification.
 //!
 //! Every command is sent at most once and bounded by `REDIS_TIMEOUT_MS`; fred drops a
@@ -14,6 +16,7 @@
 //! store. (A command already written when the connection breaks has an unknown outcome:
 //! see docs/operations.md.)
 
+mod cluster;
 mod health;
 mod reader;
 mod scripts;
@@ -21,6 +24,7 @@ mod subscriptions;
 mod tls;
 
 use std::{
+    collections::HashMap,
     fmt,
     sync::{
         Arc, Mutex,
@@ -33,15 +37,18 @@ use chat_protocol::{MessageTemplate, RoomName};
 use fred::{
     clients::SubscriberClient,
     prelude::*,
-    types::{Value, config::Config as FredConfig},
+    types::{Value, cluster::ClusterRouting, config::Config as FredConfig},
 };
 use tokio::task::JoinHandle;
 use tracing::{error, warn};
 
 use super::{Bus, BusError, BusEvents, History, keys::Keys};
-use crate::sync::lock;
+use crate::sync::{Backoff, lock};
 use scripts::Scripts;
-use subscriptions::Subscriptions;
+use subscriptions::{Owner, Subscriptions};
+
+/// The last probe token seen on each probe channel.
+type ProbeSeen = tokio::sync::watch::Sender<HashMap<String, u64>>;
 
 /// Messages fred may hold for the reader task before it reports a lag.
 const PUBSUB_BUFFER: usize = 8192;
@@ -59,10 +66,13 @@ struct Inner {
     /// again on the new connection: until then this instance may miss messages, so it
     /// is not ready.
     resync_pending: AtomicBool,
-    /// This instance's own channel for the delivery self-probe.
-    probe_channel: String,
-    /// The last probe token that came back through the subscriber connection.
-    probe_seen: tokio::sync::watch::Sender<u64>,
+    /// Names this instance's probe channels.
+    probe_tag: String,
+    /// The probe channels subscribed now: one classic channel, or on a Cluster one sharded
+    /// channel per primary (they change with the topology).
+    probes: Mutex<Vec<String>>,
+    /// The last probe token that came back through the subscriber connection, per channel.
+    probe_seen: ProbeSeen,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -136,6 +146,9 @@ impl RedisBus {
                 // instead of being replayed after the reconnect.
                 c.max_command_attempts = 1;
                 c.tcp.nodelay = Some(true);
+                // Each connection is named after its client (CLIENT LIST shows whose it
+                // is; the Cluster probe finds its own silent connections by name).
+                c.auto_client_setname = true;
             })
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
         let commands = builder.build()?;
@@ -147,16 +160,12 @@ impl RedisBus {
         let messages = subscriber.message_rx();
         let errors = subscriber.error_rx();
         let connects = subscriber.reconnect_rx();
-        let probe_channel = keys.probe(&format!(
-            "{}-{:04x}",
-            settings.instance_id,
-            fastrand::u16(..)
-        ));
-        let (probe_seen, _) = tokio::sync::watch::channel(0u64);
+        let probe_tag = format!("{}-{:04x}", settings.instance_id, fastrand::u16(..));
+        let (probe_seen, _) = tokio::sync::watch::channel(HashMap::new());
         let reader = reader::Reader {
             keys: keys.clone(),
             events: events.clone(),
-            probe_channel: probe_channel.clone(),
+            probe_prefix: keys.probe_prefix(),
             probe_seen: probe_seen.clone(),
         };
         let tasks = vec![
@@ -180,7 +189,8 @@ impl RedisBus {
                 events,
                 subscriptions: Subscriptions::default(),
                 resync_pending: AtomicBool::new(false),
-                probe_channel,
+                probe_tag,
+                probes: Mutex::new(Vec::new()),
                 probe_seen,
                 tasks: Mutex::new(tasks),
             }),
@@ -190,6 +200,10 @@ impl RedisBus {
         if let Some(every) = settings.probe_interval {
             let probe = tokio::spawn(bus.clone().probe(every));
             lock(&bus.inner.tasks).push(probe);
+        }
+        if sharded {
+            let follow = tokio::spawn(bus.clone().follow_slots(settings.probe_interval));
+            lock(&bus.inner.tasks).push(follow);
         }
         Ok(bus)
     }
@@ -242,11 +256,18 @@ impl RedisBus {
             .map(drop)
     }
 
-    /// Subscribes (or unsubscribes) `room`'s channel on the current subscriber connection
-    /// and waits until Redis has processed it.
-    async fn send_subscription(&self, room: &RoomName, on: bool) -> Result<(), BusError> {
+    /// Subscribes `room`'s channel on the current subscriber connection and waits until
+    /// Redis has processed it; says where the subscription is held.
+    async fn send_subscribe(&self, room: &RoomName) -> Result<Owner, BusError> {
+        self.send_subscription(self.inner.keys.channel(room), true)
+            .await?;
+        Ok(self.owners()(room))
+    }
+
+    /// Subscribes (or unsubscribes) a channel and waits until Redis has processed it; on a
+    /// Cluster the channel is sharded.
+    async fn send_subscription(&self, channel: String, on: bool) -> Result<(), BusError> {
         let s = &self.inner.subscriber;
-        let channel = self.inner.keys.channel(room);
         match (self.inner.sharded, on) {
             // fred waits for the sharded commands' replies (they may be redirected).
             (true, true) => self.with_timeout(s.ssubscribe(channel)).await,
@@ -261,16 +282,39 @@ impl RedisBus {
             }
         }
     }
+
+    /// Where each room's subscription belongs now, by the subscriber's routing table (on a
+    /// Cluster: the primary that owns the room's slot; elsewhere `None`).
+    fn owners(&self) -> impl Fn(&RoomName) -> Owner + '_ {
+        let routing = self
+            .inner
+            .sharded
+            .then(|| self.inner.subscriber.cached_cluster_state())
+            .flatten();
+        move |room| {
+            let routing = routing.as_ref()?;
+            let slot = ClusterRouting::hash_key(self.inner.keys.channel(room).as_bytes());
+            routing.get_server(slot).cloned()
+        }
+    }
 }
 
-fn spawn_connection<C: ClientLike>(client: &C) -> JoinHandle<()> {
-    let handle = client.connect();
+/// Drives `client`'s connection until it is closed with QUIT. fred's connection task can
+/// end on its own with an error (e.g. fred 10 gives up routing a command that met an `ASK`
+/// redirect during a Cluster reshard when no attempts are left, and ends the task with
+/// it): it is started again, after a back-off, so the client reconnects.
+fn spawn_connection<C: ClientLike + Clone + Send + 'static>(client: &C) -> JoinHandle<()> {
+    let client = client.clone();
     tokio::spawn(async move {
-        match handle.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) if e.is_canceled() => {}
-            Ok(Err(e)) => error!(error = %e, "redis connection task ended"),
-            Err(e) => error!(error = %e, "redis connection task failed"),
+        let mut backoff = Backoff::new();
+        loop {
+            match client.connect().await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) if e.is_canceled() => return,
+                Ok(Err(e)) => error!(error = %e, "redis connection task ended; starting it again"),
+                Err(e) => error!(error = %e, "redis connection task failed; starting it again"),
+            }
+            backoff.wait().await;
         }
     })
 }
@@ -292,14 +336,17 @@ impl Bus for RedisBus {
         }
         self.inner
             .subscriptions
-            .add(room, self.send_subscription(room, true))
+            .add(room, self.send_subscribe(room))
             .await
     }
 
     async fn unsubscribe(&self, room: &RoomName) -> Result<(), BusError> {
         self.inner
             .subscriptions
-            .remove(room, self.send_subscription(room, false))
+            .remove(
+                room,
+                self.send_subscription(self.inner.keys.channel(room), false),
+            )
             .await
     }
 

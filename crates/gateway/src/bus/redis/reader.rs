@@ -23,8 +23,8 @@ const BATCH: usize = 256;
 /// What one pub/sub message is.
 #[derive(Debug)]
 enum Incoming {
-    /// A token of this instance's self-probe.
-    Probe(u64),
+    /// A token of this instance's self-probe, on one of its probe channels.
+    Probe { channel: String, token: u64 },
     /// A room's message or epoch notice.
     Event(BusEvent),
     /// Not ours, or not readable.
@@ -35,9 +35,10 @@ enum Incoming {
 pub(super) struct Reader {
     pub(super) keys: Keys,
     pub(super) events: Arc<dyn BusEvents>,
-    /// This instance's probe channel, and where the last probe token seen is reported.
-    pub(super) probe_channel: String,
-    pub(super) probe_seen: tokio::sync::watch::Sender<u64>,
+    /// What probe channels start with (only this instance's own are subscribed), and where
+    /// the last probe token seen on each is reported.
+    pub(super) probe_prefix: String,
+    pub(super) probe_seen: super::ProbeSeen,
 }
 
 impl Reader {
@@ -50,9 +51,12 @@ impl Reader {
             while let Some(received) = next.take() {
                 match received {
                     Ok(message) => match self.classify(&message.channel, message.value) {
-                        Incoming::Probe(token) => self
-                            .probe_seen
-                            .send_modify(|seen| *seen = (*seen).max(token)),
+                        Incoming::Probe { channel, token } => {
+                            self.probe_seen.send_modify(|seen| {
+                                let last = seen.entry(channel).or_default();
+                                *last = (*last).max(token);
+                            });
+                        }
                         Incoming::Event(event) => batch.push(event),
                         Incoming::Ignored => {}
                     },
@@ -80,8 +84,13 @@ impl Reader {
     }
 
     fn classify(&self, channel: &str, value: Value) -> Incoming {
-        if channel == self.probe_channel {
-            return value.as_u64().map_or(Incoming::Ignored, Incoming::Probe);
+        if channel.starts_with(&self.probe_prefix) {
+            return value
+                .as_u64()
+                .map_or(Incoming::Ignored, |token| Incoming::Probe {
+                    channel: channel.to_owned(),
+                    token,
+                });
         }
         let Some(room) = self
             .keys
@@ -125,8 +134,8 @@ mod tests {
         Reader {
             keys: Keys::new("chat"),
             events: Arc::new(Nobody),
-            probe_channel: "chat:probe:me".into(),
-            probe_seen: tokio::sync::watch::channel(0).0,
+            probe_prefix: "chat:probe:".into(),
+            probe_seen: tokio::sync::watch::channel(Default::default()).0,
         }
     }
 
@@ -147,10 +156,12 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(
-            r.classify("chat:probe:me", Value::Integer(9)),
-            Incoming::Probe(9)
-        ));
+        match r.classify("chat:probe:{me-2}", Value::Integer(9)) {
+            Incoming::Probe { channel, token } => {
+                assert_eq!((channel.as_str(), token), ("chat:probe:{me-2}", 9));
+            }
+            other => panic!("{other:?}"),
+        }
         for (channel, value) in [
             ("other:{a}", Value::from(msg)),
             ("chat:{a b}", Value::from(msg)),

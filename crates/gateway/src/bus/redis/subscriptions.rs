@@ -1,41 +1,55 @@
-//! Which room channels this instance is subscribed to, so they can be restored after the
-//! subscriber connection is replaced (Redis forgets a connection's subscriptions with it).
+//! Which room channels this instance is subscribed to, and on which Redis Cluster node, so
+//! they can be restored after the subscriber connection is replaced (Redis forgets a
+//! connection's subscriptions with it) and followed when a room's slot moves to another
+//! node (the old one drops the subscription).
 //!
 //! The hub decides *when* to subscribe (first local member in, last one out) and never
-//! runs two calls for one room at once; this set remembers *what* is subscribed. A restore
-//! holds the gate exclusively, so no subscribe or unsubscribe runs while it replays the
-//! set: a room left during a restore cannot be subscribed again behind the leave's back.
+//! runs two calls for one room at once; this set remembers *what* is subscribed, and
+//! *where*. A restore or a move holds the gate exclusively, so no subscribe or
+//! unsubscribe runs while it works: a room left meanwhile cannot be subscribed again
+//! behind the leave's back.
 
-use std::{collections::HashSet, future::Future, sync::Mutex};
+use std::{collections::HashMap, future::Future, sync::Mutex};
 
 use chat_protocol::RoomName;
+use fred::types::config::Server;
 use tokio::sync::RwLock;
+use tracing::warn;
 
 use crate::{bus::BusError, sync::lock};
 
+/// Where a subscription is held: the Cluster node that owns the room's slot (`None`
+/// outside a Cluster).
+pub(super) type Owner = Option<Server>;
+
 #[derive(Debug, Default)]
 pub(super) struct Subscriptions {
-    rooms: Mutex<HashSet<RoomName>>,
+    rooms: Mutex<HashMap<RoomName, Owner>>,
     /// Shared by subscribe and unsubscribe calls, exclusive for a restore. Held across the
     /// Redis calls (it orders them), never across anything that waits on a client.
     gate: RwLock<()>,
 }
 
 impl Subscriptions {
-    /// Records `room` and runs `subscribe`; forgets the room again if that fails (the hub
-    /// then treats the room as not subscribed).
+    /// Records `room` and runs `subscribe`, which says where the subscription landed;
+    /// forgets the room again if that fails (the hub then treats it as not subscribed).
     pub(super) async fn add(
         &self,
         room: &RoomName,
-        subscribe: impl Future<Output = Result<(), BusError>>,
+        subscribe: impl Future<Output = Result<Owner, BusError>>,
     ) -> Result<(), BusError> {
         let _shared = self.gate.read().await;
-        lock(&self.rooms).insert(room.clone());
-        let result = subscribe.await;
-        if result.is_err() {
-            lock(&self.rooms).remove(room);
+        lock(&self.rooms).insert(room.clone(), None);
+        match subscribe.await {
+            Ok(owner) => {
+                lock(&self.rooms).insert(room.clone(), owner);
+                Ok(())
+            }
+            Err(err) => {
+                lock(&self.rooms).remove(room);
+                Err(err)
+            }
         }
-        result
     }
 
     /// Forgets `room` and runs `unsubscribe`.
@@ -54,15 +68,50 @@ impl Subscriptions {
     pub(super) async fn restore<F, Fut>(&self, mut subscribe: F) -> Result<usize, BusError>
     where
         F: FnMut(RoomName) -> Fut,
-        Fut: Future<Output = Result<(), BusError>>,
+        Fut: Future<Output = Result<Owner, BusError>>,
     {
         let _exclusive = self.gate.write().await;
-        let rooms: Vec<RoomName> = lock(&self.rooms).iter().cloned().collect();
+        let rooms: Vec<RoomName> = lock(&self.rooms).keys().cloned().collect();
         let count = rooms.len();
         for room in rooms {
-            subscribe(room).await?;
+            let owner = subscribe(room.clone()).await?;
+            lock(&self.rooms).insert(room, owner);
         }
         Ok(count)
+    }
+
+    /// Subscribes again, with `subscribe`, every room whose recorded owner is not
+    /// `owner_now(room)` any more, with no other call in between; returns the rooms that
+    /// moved. A room whose new subscription fails keeps its old record, so the next check
+    /// tries again.
+    pub(super) async fn follow<F, Fut>(
+        &self,
+        owner_now: impl Fn(&RoomName) -> Owner,
+        mut subscribe: F,
+    ) -> Vec<RoomName>
+    where
+        F: FnMut(RoomName) -> Fut,
+        Fut: Future<Output = Result<Owner, BusError>>,
+    {
+        let _exclusive = self.gate.write().await;
+        let moved: Vec<RoomName> = lock(&self.rooms)
+            .iter()
+            .filter(|(room, owner)| **owner != owner_now(room))
+            .map(|(room, _)| room.clone())
+            .collect();
+        let mut followed = Vec::with_capacity(moved.len());
+        for room in moved {
+            match subscribe(room.clone()).await {
+                Ok(owner) => {
+                    lock(&self.rooms).insert(room.clone(), owner);
+                    followed.push(room);
+                }
+                Err(err) => {
+                    warn!(%room, error = %err, "subscribing at the slot's new owner failed")
+                }
+            }
+        }
+        followed
     }
 }
 
@@ -77,8 +126,8 @@ mod tests {
     #[tokio::test]
     async fn a_restore_replays_what_is_subscribed_now() {
         let subs = Subscriptions::default();
-        subs.add(&r("a"), async { Ok(()) }).await.unwrap();
-        subs.add(&r("b"), async { Ok(()) }).await.unwrap();
+        subs.add(&r("a"), async { Ok(None) }).await.unwrap();
+        subs.add(&r("b"), async { Ok(None) }).await.unwrap();
         let failed = subs
             .add(&r("c"), async { Err(BusError::Disconnected) })
             .await;
@@ -88,7 +137,7 @@ mod tests {
         let n = subs
             .restore(|room| {
                 lock(&replayed).push(room);
-                async { Ok(()) }
+                async { Ok(None) }
             })
             .await
             .unwrap();
@@ -98,7 +147,7 @@ mod tests {
     #[tokio::test]
     async fn a_leave_waits_for_a_restore_in_progress() {
         let subs = std::sync::Arc::new(Subscriptions::default());
-        subs.add(&r("a"), async { Ok(()) }).await.unwrap();
+        subs.add(&r("a"), async { Ok(None) }).await.unwrap();
         let (release, hold) = tokio::sync::oneshot::channel::<()>();
         let (started, restore_started) = tokio::sync::oneshot::channel::<()>();
         let restoring = {
@@ -115,7 +164,7 @@ mod tests {
                         if let Some(h) = hold {
                             let _ = h.await;
                         }
-                        Ok(())
+                        Ok(None)
                     }
                 })
                 .await
@@ -135,5 +184,44 @@ mod tests {
         assert_eq!(restoring.await.unwrap().unwrap(), 1);
         leaving.await.unwrap().unwrap();
         assert!(lock(&subs.rooms).is_empty());
+    }
+
+    #[tokio::test]
+    async fn rooms_whose_slot_moved_are_subscribed_again_where_it_went() {
+        let (a, b) = (Server::new("a", 1), Server::new("b", 2));
+        let subs = Subscriptions::default();
+        for (room, at) in [("x", &a), ("y", &a), ("z", &a)] {
+            let at = Some(at.clone());
+            subs.add(&r(room), async { Ok(at) }).await.unwrap();
+        }
+        // y's slot moved to b; z's new subscription fails and is tried again next time.
+        let now = |room: &RoomName| {
+            Some(if room.as_str() == "x" {
+                a.clone()
+            } else {
+                b.clone()
+            })
+        };
+        let moved = subs
+            .follow(&now, |room| {
+                let b = b.clone();
+                async move {
+                    if room.as_str() == "z" {
+                        Err(BusError::Disconnected)
+                    } else {
+                        Ok(Some(b))
+                    }
+                }
+            })
+            .await;
+        assert_eq!(moved, vec![r("y")]);
+        assert_eq!(lock(&subs.rooms).get(&r("y")), Some(&Some(b.clone())));
+        let again = subs
+            .follow(&now, |_| {
+                let b = b.clone();
+                async move { Ok(Some(b)) }
+            })
+            .await;
+        assert_eq!(again, vec![r("z")]);
     }
 }
