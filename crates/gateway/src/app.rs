@@ -186,8 +186,9 @@ fn start(config: Config) -> Result<Arc<AppState>, AppError> {
 
 /// Accepts HTTP/1.1 connections until `stop` resolves, then lets the requests in progress
 /// finish (at most [`HTTP_FINISH`]) and closes idle keep-alive connections. Upgraded
-/// connections are not waited for here: they belong to their sessions.
-async fn serve(mut listener: TcpListener, router: Router, stop: impl Future<Output = ()>) {
+/// connections are not waited for here: they belong to their sessions. Public for the
+/// transport's conformance test, which serves its own router.
+pub async fn serve(mut listener: TcpListener, router: Router, stop: impl Future<Output = ()>) {
     let connections = TaskTracker::new();
     let closing = CancellationToken::new();
     tokio::pin!(stop);

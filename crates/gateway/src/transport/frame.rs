@@ -5,6 +5,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
 const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 const FIN: u8 = 0x80;
@@ -31,6 +32,15 @@ fn put_header(buf: &mut BytesMut, opcode: u8, len: usize) {
 pub fn text(payload: &[u8]) -> Bytes {
     let mut buf = BytesMut::with_capacity(payload.len() + 10);
     put_header(&mut buf, OP_TEXT, payload.len());
+    buf.extend_from_slice(payload);
+    buf.freeze()
+}
+
+/// The wire form of a binary frame carrying `payload`. The chat protocol sends none; the
+/// transport's conformance test (the Autobahn echo server in `chat-testkit`) does.
+pub fn binary(payload: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(payload.len() + 10);
+    put_header(&mut buf, OP_BINARY, payload.len());
     buf.extend_from_slice(payload);
     buf.freeze()
 }
@@ -101,7 +111,12 @@ pub(crate) mod tests {
                 tungstenite_text(&payload).as_slice(),
                 "{len}"
             );
-            assert_eq!(parse_frames(&ours), vec![(OP_TEXT, payload)], "{len}");
+            assert_eq!(parse_frames(&ours), vec![(OP_TEXT, payload.clone())], "{len}");
+            let mut theirs = Vec::new();
+            Frame::message(payload.clone(), OpCode::Data(Data::Binary), true)
+                .format(&mut theirs)
+                .unwrap();
+            assert_eq!(binary(&payload).as_ref(), theirs.as_slice(), "{len}");
         }
     }
 
