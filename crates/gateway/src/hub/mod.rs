@@ -405,9 +405,21 @@ impl Hub {
 impl BusEvents for Hub {
     fn deliver(&self, events: &mut Vec<BusEvent>) {
         let mut pending = PendingWrites::default();
+        // A client is too slow when CLIENT_QUEUE live messages wait for its socket, not
+        // when a large batch queued them all before the first write: hand the writes over
+        // at least every half of that bound.
+        let write_every = (self.buffer_cap / 2).max(1);
+        let mut since_write = 0usize;
         for event in events.drain(..) {
             match event {
-                BusEvent::Message { room, msg } => self.dispatch(&room, msg, &mut pending),
+                BusEvent::Message { room, msg } => {
+                    self.dispatch(&room, msg, &mut pending);
+                    since_write += 1;
+                    if since_write >= write_every {
+                        self.writes.submit(std::mem::take(&mut pending));
+                        since_write = 0;
+                    }
+                }
                 BusEvent::NewEpoch { room, epoch } => self.new_epoch(&room, epoch),
                 BusEvent::Lost => self.repair_all(),
                 BusEvent::LostRoom { room } => self.repair_room(&room),
@@ -446,9 +458,14 @@ pub(crate) mod tests {
 
     /// An outbox on a socket that keeps what is written.
     pub(crate) fn member() -> (Arc<Outbox>, Arc<CaptureSocket>) {
+        member_with(100)
+    }
+
+    /// The same, closing the client beyond `live` waiting live messages.
+    fn member_with(live: usize) -> (Arc<Outbox>, Arc<CaptureSocket>) {
         let socket = CaptureSocket::unbounded();
         let bounds = Bounds {
-            live: 100,
+            live,
             live_bytes: 1 << 20,
         };
         (
@@ -501,6 +518,28 @@ pub(crate) mod tests {
         dispatch(&hub, &msgs[3]);
         assert_eq!(written_ids(&late, &late_socket), [4]);
         assert_eq!(written_ids(&live, &live_socket), [4]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_larger_than_the_client_queue_does_not_close_a_reading_client() {
+        let (bus, msgs, room) = store(100, 40).await;
+        let hub = hub(); // CLIENT_QUEUE 16
+        let (outbox_16, socket) = member_with(16);
+        hub.join(&room, 1, outbox_16.clone(), &bus).await.unwrap();
+        hub.go_live(&room, 1, 0, None, |_| None);
+        let mut batch: Vec<BusEvent> = msgs
+            .iter()
+            .map(|m| BusEvent::Message {
+                room: room.clone(),
+                msg: m.clone(),
+            })
+            .collect();
+        hub.deliver(&mut batch);
+        assert_eq!(outbox_16.closing(), None);
+        assert_eq!(
+            written_ids(&outbox_16, &socket),
+            (1..=40).collect::<Vec<_>>()
+        );
     }
 
     #[tokio::test]
