@@ -543,6 +543,35 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn a_new_epoch_drops_what_a_join_buffered_of_the_old_one() {
+        let (bus, old_msgs, room) = store(100, 2).await;
+        // Another life of the room: the same ids, other messages.
+        let new_msgs: Vec<Msg> = (1..=2)
+            .map(|id| Msg {
+                id,
+                json: format!("new {id}").into(),
+            })
+            .collect();
+        let hub = hub();
+        let (outbox, socket) = member();
+        hub.join(&room, 1, outbox.clone(), &bus).await.unwrap();
+        dispatch(&hub, &old_msgs[0]); // old 1
+        dispatch(&hub, &old_msgs[1]); // old 2
+        hub.deliver(&mut vec![BusEvent::NewEpoch {
+            room: room.clone(),
+            epoch: Epoch::from("e2"),
+        }]);
+        dispatch(&hub, &new_msgs[0]);
+        dispatch(&hub, &new_msgs[1]);
+        // The member replayed the new epoch's (empty) history: it gets new 1 and 2, not
+        // the old 1 and 2 that were buffered before the notice.
+        let live = hub.go_live(&room, 1, 0, Some(Epoch::from("e2")), |_| None);
+        assert_eq!(live, GoLive::Live(2));
+        outbox.write_or_defer();
+        assert_eq!(socket.take_payloads(), [b"new 1".to_vec(), b"new 2".to_vec()]);
+    }
+
+    #[tokio::test]
     async fn a_new_epoch_closes_members_of_the_old_one() {
         let (bus, msgs, room) = store(100, 2).await;
         let hub = hub();
