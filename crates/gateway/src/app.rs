@@ -21,6 +21,7 @@ use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
 use crate::{
+    auth::{Auth, KeyError},
     bus::{
         AnyBus, BusError, BusEvents,
         memory::MemoryBus,
@@ -47,6 +48,9 @@ pub enum AppError {
     /// The bus could not be set up (an unusable `REDIS_URL` or TLS setting).
     #[error("{0}")]
     Bus(#[from] BusError),
+    /// A token key cannot be used (`AUTH_JWT_PUBLIC_KEY_FILE`, `AUTH_JWKS_URL`).
+    #[error("{0}")]
+    Auth(#[from] KeyError),
     /// The HTTP server failed.
     #[error("server error: {0}")]
     Serve(#[from] io::Error),
@@ -55,7 +59,11 @@ pub enum AppError {
 impl AppError {
     /// Whether the configuration is at fault (the binary exits with code 2).
     pub fn is_config(&self) -> bool {
-        matches!(self, AppError::Bus(e) if e.is_config())
+        match self {
+            AppError::Bus(e) => e.is_config(),
+            AppError::Auth(_) => true,
+            AppError::Bind { .. } | AppError::Serve(_) => false,
+        }
     }
 }
 
@@ -100,9 +108,12 @@ impl App {
         &self.state
     }
 
-    /// Waits until the bus is connected.
+    /// Waits until the bus is connected (and the JWKS document, if any, was fetched once).
     pub async fn wait_ready(&self) {
         self.state.bus.wait_connected().await;
+        if let Some(auth) = &self.state.auth {
+            auth.prefetched().await;
+        }
     }
 
     /// Serves until `shutdown` resolves, then drains and returns.
@@ -178,10 +189,20 @@ fn start(config: Config) -> Result<Arc<AppState>, AppError> {
             AnyBus::Redis(RedisBus::connect(&settings, events)?)
         }
     };
+    let auth = match &config.auth {
+        None => None,
+        Some(auth) => {
+            let auth = Auth::new(auth)?;
+            let prefetch = auth.clone();
+            tokio::spawn(async move { prefetch.prefetch().await });
+            info!(anonymous = ?config.auth.as_ref().map(|a| a.anonymous), "authentication is on");
+            Some(auth)
+        }
+    };
     let (repair_hub, repair_bus) = (hub.clone(), bus.clone());
     // Lives as long as the process (it only ever waits or reads history).
     tokio::spawn(async move { repair_hub.run_repairs(&repair_bus).await });
-    Ok(Arc::new(AppState::new(config, hub, bus)))
+    Ok(Arc::new(AppState::new(config, hub, bus, auth)))
 }
 
 /// Accepts HTTP/1.1 connections until `stop` resolves, then lets the requests in progress

@@ -4,6 +4,8 @@
 
 use std::{fmt, net::IpAddr, time::Duration};
 
+use ipnet::IpNet;
+
 use chat_protocol::RoomName;
 use serde::Deserialize;
 
@@ -62,6 +64,12 @@ impl Secret {
             }
             None => self.0.clone(),
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
     }
 }
 
@@ -135,6 +143,46 @@ pub struct Config {
     pub web_dir: Option<String>,
     /// Worker threads of the async runtime (`TOKIO_WORKER_THREADS`; default: one per CPU).
     pub worker_threads: Option<usize>,
+    /// Token verification (`AUTH_*`); `None`: authentication is off.
+    pub auth: Option<AuthConfig>,
+    /// A connection that has not sent complete request headers within this is closed
+    /// (`HTTP_HEADER_TIMEOUT_SECS`, default 10).
+    pub http_header_timeout: Duration,
+    /// WebSocket connections one client address may hold (`MAX_CONNECTIONS_PER_IP`,
+    /// default 200; 0 = no limit).
+    pub max_connections_per_ip: usize,
+    /// Proxies whose `X-Forwarded-For` is believed (`TRUSTED_PROXIES`, CIDRs).
+    pub trusted_proxies: Vec<IpNet>,
+    /// Rooms idle this long expire as a whole (`ROOM_IDLE_TTL_SECS`, default 30 days;
+    /// `None` = keep forever).
+    pub room_idle_ttl: Option<Duration>,
+}
+
+/// How tokens are verified (any one or more key sources).
+#[derive(Clone, Debug)]
+pub struct AuthConfig {
+    /// HS256 secret (`AUTH_JWT_SECRET`, at least 32 bytes).
+    pub secret: Option<Secret>,
+    /// A PEM public key (`AUTH_JWT_PUBLIC_KEY_FILE`): RSA → RS256, EC P-256 → ES256,
+    /// Ed25519 → EdDSA.
+    pub public_key_file: Option<String>,
+    /// A JWKS document (`AUTH_JWKS_URL`), fetched at start and again for an unknown `kid`.
+    pub jwks_url: Option<String>,
+    /// Required `iss` (`AUTH_JWT_ISSUER`).
+    pub issuer: Option<String>,
+    /// Required `aud` (`AUTH_JWT_AUDIENCE`).
+    pub audience: Option<String>,
+    /// What token-less clients may do (`AUTH_ANONYMOUS`: `off` or `read`).
+    pub anonymous: Anonymous,
+}
+
+/// What a client without a token may do when authentication is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Anonymous {
+    /// Nothing: the upgrade is refused with 401.
+    Off,
+    /// Connect, join and read any room; every write is refused `unauthorized`.
+    Read,
 }
 
 #[derive(Deserialize)]
@@ -168,6 +216,16 @@ struct Raw {
     log_format: Option<String>,
     web_dir: Option<String>,
     tokio_worker_threads: Option<usize>,
+    auth_jwt_secret: Option<String>,
+    auth_jwt_public_key_file: Option<String>,
+    auth_jwks_url: Option<String>,
+    auth_jwt_issuer: Option<String>,
+    auth_jwt_audience: Option<String>,
+    auth_anonymous: Option<String>,
+    http_header_timeout_secs: Option<u64>,
+    max_connections_per_ip: Option<usize>,
+    trusted_proxies: Option<String>,
+    room_idle_ttl_secs: Option<u64>,
 }
 
 impl Config {
@@ -203,6 +261,33 @@ impl Config {
         let invalid = |var: &'static str, reason: &str| ConfigError::Invalid {
             var,
             reason: reason.to_owned(),
+        };
+        let auth = auth_config(&raw)?;
+        let http_header_timeout = match raw.http_header_timeout_secs.unwrap_or(10) {
+            s @ 1..=3600 => Duration::from_secs(s),
+            _ => {
+                return Err(invalid(
+                    "HTTP_HEADER_TIMEOUT_SECS",
+                    "must be between 1 and 3600 seconds",
+                ));
+            }
+        };
+        let trusted_proxies = raw
+            .trusted_proxies
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                p.parse::<IpNet>()
+                    .or_else(|_| p.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| invalid("TRUSTED_PROXIES", &format!("{p:?} is not a CIDR")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let room_idle_ttl = match raw.room_idle_ttl_secs.unwrap_or(30 * 24 * 3600) {
+            0 => None,
+            s => Some(Duration::from_secs(s)),
         };
         let host = match raw.host.as_deref() {
             None => IpAddr::from([0, 0, 0, 0]),
@@ -329,6 +414,7 @@ impl Config {
         if worker_threads == Some(0) {
             return Err(invalid("TOKIO_WORKER_THREADS", "must be at least 1"));
         }
+
         Ok(Config {
             host,
             port: raw.port.unwrap_or(4444),
@@ -361,8 +447,56 @@ impl Config {
             log_format,
             web_dir: raw.web_dir,
             worker_threads,
+            auth,
+            http_header_timeout,
+            max_connections_per_ip: raw.max_connections_per_ip.unwrap_or(200),
+            trusted_proxies,
+            room_idle_ttl,
         })
     }
+}
+
+/// The `AUTH_*` variables: `None` when no key source is configured.
+fn auth_config(raw: &Raw) -> Result<Option<AuthConfig>, ConfigError> {
+    let invalid = |var: &'static str, reason: &str| ConfigError::Invalid {
+        var,
+        reason: reason.to_owned(),
+    };
+    let anonymous = match raw.auth_anonymous.as_deref() {
+        None | Some("off") => Anonymous::Off,
+        Some("read") => Anonymous::Read,
+        Some(_) => return Err(invalid("AUTH_ANONYMOUS", "must be `off` or `read`")),
+    };
+    if let Some(secret) = &raw.auth_jwt_secret
+        && secret.len() < 32
+    {
+        return Err(invalid(
+            "AUTH_JWT_SECRET",
+            "must be at least 32 bytes (HS256 with a short secret can be brute-forced)",
+        ));
+    }
+    if raw.auth_jwt_secret.is_none()
+        && raw.auth_jwt_public_key_file.is_none()
+        && raw.auth_jwks_url.is_none()
+    {
+        return Ok(None);
+    }
+    if let Some(url) = &raw.auth_jwks_url
+        && !(url.starts_with("https://") || url.starts_with("http://"))
+    {
+        return Err(invalid(
+            "AUTH_JWKS_URL",
+            "must be an http:// or https:// URL",
+        ));
+    }
+    Ok(Some(AuthConfig {
+        secret: raw.auth_jwt_secret.clone().map(Secret::new),
+        public_key_file: raw.auth_jwt_public_key_file.clone(),
+        jwks_url: raw.auth_jwks_url.clone(),
+        issuer: raw.auth_jwt_issuer.clone(),
+        audience: raw.auth_jwt_audience.clone(),
+        anonymous,
+    }))
 }
 
 #[cfg(test)]
@@ -391,6 +525,14 @@ mod tests {
             (&[("PORT", "99999")][..], "PORT"),
             (&[("HOST", "localhost")][..], "HOST"),
             (&[("TOKIO_WORKER_THREADS", "0")][..], "TOKIO_WORKER_THREADS"),
+            (&[("AUTH_JWT_SECRET", "too short")][..], "AUTH_JWT_SECRET"),
+            (&[("AUTH_ANONYMOUS", "write")][..], "AUTH_ANONYMOUS"),
+            (&[("AUTH_JWKS_URL", "ftp://keys")][..], "AUTH_JWKS_URL"),
+            (&[("TRUSTED_PROXIES", "10.0.0.0/33")][..], "TRUSTED_PROXIES"),
+            (
+                &[("HTTP_HEADER_TIMEOUT_SECS", "0")][..],
+                "HTTP_HEADER_TIMEOUT_SECS",
+            ),
             (&[("TOKIO_WORKER_THREADS", "x")][..], "TOKIO_WORKER_THREADS"),
             (&[("HISTORY_SIZE", "0")][..], "HISTORY_SIZE"),
             (&[("DEFAULT_ROOM", "a b")][..], "DEFAULT_ROOM"),

@@ -9,6 +9,7 @@
 
 pub mod admission;
 pub mod app;
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod hub;

@@ -4,15 +4,17 @@
 use std::sync::Arc;
 
 use axum::{
-    Extension, Router,
+    Extension, Json, Router,
     extract::{Query, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
 };
-use tracing::warn;
+use serde_json::json;
+use tracing::{debug, warn};
 
 use crate::{
+    auth::Principal,
     bus::Bus,
     session::{self, ConnectParams, Endpoint},
     state::AppState,
@@ -50,6 +52,17 @@ async fn websocket(
         warn!(origin = ?headers.get(header::ORIGIN), "refused a WebSocket from another origin");
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
+    let principal = match &state.auth {
+        None => Principal::Open,
+        Some(auth) => match auth.principal(bearer(&headers, &params)).await {
+            Ok(principal) => principal,
+            Err(why) => {
+                debug!(reason = %why, "refused a WebSocket without a valid token");
+                let body = Json(json!({"error": "unauthorized", "message": why.to_string()}));
+                return (StatusCode::UNAUTHORIZED, body).into_response();
+            }
+        },
+    };
     let Some(slot) = state.connections.admit() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
     };
@@ -57,8 +70,20 @@ async fn websocket(
     upgrade.on_upgrade(move |socket| async move {
         let _task = task;
         let _slot = slot;
-        session::run(socket, state, params, at).await;
+        session::run(socket, state, params, at, principal).await;
     })
+}
+
+/// The token of a connect request: `Authorization: Bearer …`, else the `token` query
+/// parameter (browsers cannot set headers on a WebSocket).
+fn bearer<'a>(headers: &'a HeaderMap, params: &'a ConnectParams) -> Option<&'a str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .or_else(|| params.token.as_ref().map(|t| t.expose()))
+        .filter(|t| !t.is_empty())
 }
 
 async fn healthz() -> &'static str {

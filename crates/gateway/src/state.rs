@@ -9,7 +9,8 @@ use std::sync::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    admission::ConnectionLimit, bus::AnyBus, config::Config, hub::Hub, transport, transport::ConnId,
+    admission::ConnectionLimit, auth::Auth, bus::AnyBus, config::Config, hub::Hub, transport,
+    transport::ConnId,
 };
 
 /// The instance's shared state.
@@ -23,6 +24,8 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     /// The message bus.
     pub bus: AnyBus,
+    /// Token verification; `None` when authentication is off.
+    pub auth: Option<Arc<Auth>>,
     /// Cancelled when the instance starts shutting down.
     pub shutdown: CancellationToken,
     /// Every WebSocket task, so shutdown can wait for them.
@@ -34,7 +37,7 @@ pub struct AppState {
 
 impl AppState {
     /// Shared state around a started hub and bus.
-    pub fn new(config: Config, hub: Arc<Hub>, bus: AnyBus) -> Self {
+    pub fn new(config: Config, hub: Arc<Hub>, bus: AnyBus, auth: Option<Arc<Auth>>) -> Self {
         let transport = transport::Settings {
             bounds: transport::Bounds {
                 live: config.client_queue,
@@ -52,6 +55,7 @@ impl AppState {
             transport,
             hub,
             bus,
+            auth,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             next_conn: AtomicU64::new(0),

@@ -45,6 +45,26 @@ pub enum ClientFrame {
         /// Echoed in `ack` or `error`.
         reference: Option<String>,
     },
+    /// `{"type":"refresh","token":"…"}`: a new token for the same user, before the
+    /// current one expires.
+    Refresh {
+        /// The new token (never logged).
+        token: String,
+        /// Echoed in an `error` about this frame.
+        reference: Option<String>,
+    },
+}
+
+impl ClientFrame {
+    /// The client's `ref`, if the frame carried one.
+    pub fn reference(&self) -> Option<&str> {
+        match self {
+            ClientFrame::Join { reference, .. }
+            | ClientFrame::Leave { reference, .. }
+            | ClientFrame::Send { reference, .. }
+            | ClientFrame::Refresh { reference, .. } => reference.as_deref(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -56,6 +76,7 @@ struct Raw {
     text: Option<String>,
     username: Option<String>,
     epoch: Option<String>,
+    token: Option<String>,
     #[serde(rename = "ref")]
     reference: Option<String>,
 }
@@ -103,6 +124,13 @@ fn validate(raw: Raw, limits: Limits) -> Result<ClientFrame, FrameError> {
             let room = room(raw.room)?;
             send(Some(room), raw.text, raw.username, raw.reference, limits)
         }
+        Some("refresh") => Ok(ClientFrame::Refresh {
+            token: raw
+                .token
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| FrameError::new(ErrorCode::BadRequest, "missing field `token`"))?,
+            reference: raw.reference,
+        }),
         Some(other) => Err(FrameError::new(
             ErrorCode::BadRequest,
             format!("unknown frame type {other:?}"),
@@ -249,6 +277,21 @@ mod tests {
             (BadRequest, None)
         );
         assert_eq!(code(r#"{"type":5,"ref":"r1"}"#), (BadRequest, r));
+    }
+
+    #[test]
+    fn refresh_carries_a_token() {
+        assert_eq!(
+            parse(r#"{"type":"refresh","token":"a.b.c","ref":"r"}"#),
+            Ok(ClientFrame::Refresh {
+                token: "a.b.c".into(),
+                reference: Some("r".into()),
+            })
+        );
+        assert_eq!(
+            code(r#"{"type":"refresh","ref":"r1"}"#),
+            (ErrorCode::BadRequest, Some("r1".into()))
+        );
     }
 
     #[test]

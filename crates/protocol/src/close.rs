@@ -12,3 +12,6 @@ pub const TOO_BIG: u16 = 1009;
 pub const RESTART: u16 = 1012;
 /// The client read too slowly to keep up: reconnect with `since`.
 pub const TRY_AGAIN: u16 = 1013;
+/// The connection's token expired without a `refresh`: reconnect with a new token and
+/// `since`.
+pub const TOKEN_EXPIRED: u16 = 4001;

@@ -18,9 +18,11 @@ pub enum ErrorCode {
     NotJoined,
     /// Too many frames too fast.
     RateLimited,
-    /// Reserved for authentication; not sent yet.
+    /// A write without a token (`AUTH_ANONYMOUS=read`), or a `refresh` with an invalid
+    /// token or another user's.
     Unauthorized,
-    /// Not allowed: a `join` beyond `MAX_ROOMS_PER_CONNECTION`.
+    /// Not allowed: a `join` of a room the token does not allow, or beyond
+    /// `MAX_ROOMS_PER_CONNECTION`.
     Forbidden,
     /// The message bus is down: the message was not stored; the client may retry.
     Unavailable,

@@ -15,6 +15,9 @@ pub struct MessageFrame {
     pub id: u64,
     /// Author's display name.
     pub username: String,
+    /// Author's user id (the token's `sub`), when the author was authenticated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// The message.
     pub text: String,
     /// Milliseconds since the Unix epoch, assigned by the store.
@@ -27,7 +30,8 @@ pub struct MessageFrame {
 pub struct MessageTemplate {
     /// `{"type":"message","room":"R","id":`
     pub head: String,
-    /// `,"username":"...","text":"...","ts":`
+    /// `,"username":"...","text":"...","ts":` (with `"user":"..."` after the username
+    /// when the author is authenticated)
     pub middle: String,
 }
 
@@ -35,12 +39,21 @@ pub struct MessageTemplate {
 pub const TEMPLATE_TAIL: &str = "}";
 
 impl MessageTemplate {
-    /// Builds the template; `username` and `text` are JSON-escaped here, once.
+    /// Builds the template of an anonymous author's message; `username` and `text` are
+    /// JSON-escaped here, once.
     pub fn new(room: &RoomName, username: &str, text: &str) -> Self {
+        Self::with_user(room, username, None, text)
+    }
+
+    /// Builds the template; `user` is the authenticated author's id.
+    pub fn with_user(room: &RoomName, username: &str, user: Option<&str>, text: &str) -> Self {
         // Room names are [A-Za-z0-9_-]: nothing to escape.
         let head = format!(r#"{{"type":"message","room":"{room}","id":"#);
+        let user = user.map_or_else(String::new, |u| {
+            format!(r#","user":{}"#, serde_json::Value::from(u))
+        });
         let middle = format!(
-            r#","username":{},"text":{},"ts":"#,
+            r#","username":{}{user},"text":{},"ts":"#,
             serde_json::Value::from(username),
             serde_json::Value::from(text)
         );
@@ -76,20 +89,23 @@ mod tests {
     #[test]
     fn template_renders_exactly_what_serde_encodes() {
         let room = RoomName::new("general").unwrap();
-        for (user, text) in [
-            ("ann", "hi"),
+        for (name, user, text) in [
+            ("ann", None, "hi"),
+            ("ann", Some("u-1"), "hi"),
             (
                 "b\"o\\b",
+                Some("id\"with\\quotes"),
                 "line\nbreak\t<img src=x onerror=alert(1)> \u{1F600} \u{2028}",
             ),
-            ("zoë", "\u{0}\u{1f}"),
+            ("zoë", None, "\u{0}\u{1f}"),
         ] {
-            let t = MessageTemplate::new(&room, user, text);
+            let t = MessageTemplate::with_user(&room, name, user, text);
             let rendered = t.render(42, 1_764_500_000_000);
             let frame = ServerFrame::Message(MessageFrame {
                 room: "general".into(),
                 id: 42,
-                username: user.into(),
+                username: name.into(),
+                user: user.map(str::to_owned),
                 text: text.into(),
                 ts: 1_764_500_000_000,
             });

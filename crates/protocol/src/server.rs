@@ -18,6 +18,9 @@ pub enum ServerFrame {
         conn: String,
         /// Protocol version, 1.
         protocol: u32,
+        /// The authenticated user's id (the token's `sub`); absent when anonymous.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
     },
     /// A chat message, replayed or live.
     Message(MessageFrame),
@@ -48,6 +51,11 @@ pub enum ServerFrame {
         room: String,
         /// The id the message got.
         id: u64,
+    },
+    /// The answer to a valid `refresh`: the connection's token now expires at `exp`.
+    Refreshed {
+        /// The new token's `exp`, Unix seconds.
+        exp: u64,
     },
     /// A refused frame.
     Error {
@@ -81,8 +89,22 @@ mod tests {
                     instance: "web.1".into(),
                     conn: "7".into(),
                     protocol: 1,
+                    user: None,
                 },
                 r#"{"type":"welcome","instance":"web.1","conn":"7","protocol":1}"#,
+            ),
+            (
+                ServerFrame::Welcome {
+                    instance: "web.1".into(),
+                    conn: "7".into(),
+                    protocol: 1,
+                    user: Some("u1".into()),
+                },
+                r#"{"type":"welcome","instance":"web.1","conn":"7","protocol":1,"user":"u1"}"#,
+            ),
+            (
+                ServerFrame::Refreshed { exp: 1764503600 },
+                r#"{"type":"refreshed","exp":1764503600}"#,
             ),
             (
                 ServerFrame::Joined {
@@ -135,10 +157,22 @@ mod tests {
                     room: "R".into(),
                     id: 42,
                     username: "ann".into(),
+                    user: None,
                     text: "hi".into(),
                     ts: 1764500000000,
                 }),
                 r#"{"type":"message","room":"R","id":42,"username":"ann","text":"hi","ts":1764500000000}"#,
+            ),
+            (
+                ServerFrame::Message(MessageFrame {
+                    room: "R".into(),
+                    id: 43,
+                    username: "ann".into(),
+                    user: Some("u1".into()),
+                    text: "hi".into(),
+                    ts: 1764500000001,
+                }),
+                r#"{"type":"message","room":"R","id":43,"username":"ann","user":"u1","text":"hi","ts":1764500000001}"#,
             ),
         ];
         for (frame, json) in cases {

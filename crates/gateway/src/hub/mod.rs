@@ -568,7 +568,10 @@ pub(crate) mod tests {
         let live = hub.go_live(&room, 1, 0, Some(Epoch::from("e2")), |_| None);
         assert_eq!(live, GoLive::Live(2));
         outbox.write_or_defer();
-        assert_eq!(socket.take_payloads(), [b"new 1".to_vec(), b"new 2".to_vec()]);
+        assert_eq!(
+            socket.take_payloads(),
+            [b"new 1".to_vec(), b"new 2".to_vec()]
+        );
     }
 
     #[tokio::test]

@@ -9,10 +9,14 @@ use chat_protocol::{ErrorCode, FrameError, PROTOCOL_VERSION, RoomName, ServerFra
 use serde::Deserialize;
 
 use super::Session;
+use crate::config::Secret;
 
 /// The query parameters of a connect request, unvalidated. Unknown parameters are ignored.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct ConnectParams {
+    /// `token`: the credential when authentication is on (checked before the upgrade;
+    /// redacted in `Debug`).
+    pub token: Option<Secret>,
     /// `room`: joined automatically (default `DEFAULT_ROOM`).
     pub room: Option<String>,
     /// `since`: the last id the client has seen of that room.
@@ -31,12 +35,17 @@ impl Session {
                 instance: self.state.config.instance_id.clone(),
                 conn: self.conn.to_string(),
                 protocol: PROTOCOL_VERSION,
+                user: self.principal.identity().map(|id| id.user.clone()),
             };
             self.reply(welcome).await;
             // At once: the automatic join may wait for Redis.
             self.outbox.write_or_defer();
         }
-        if let Some(name) = params.username {
+        // An authenticated connection's name is its token's: `username` is ignored.
+        if let Some(name) = params
+            .username
+            .filter(|_| self.principal.identity().is_none())
+        {
             match Username::new(&name) {
                 Ok(name) => self.username = Some(name),
                 Err(e) => {

@@ -46,6 +46,13 @@ impl Session {
             let err = FrameError::new(ErrorCode::BadRequest, format!("already joined {room}"));
             return self.refuse(err.with_ref(reference)).await;
         }
+        if !self.principal.may_join(&room) {
+            let err = FrameError::new(
+                ErrorCode::Forbidden,
+                format!("your token does not allow room {room}"),
+            );
+            return self.refuse(err.with_ref(reference)).await;
+        }
         let max = self.state.config.max_rooms_per_connection;
         if self.rooms.len() >= max {
             let err = FrameError::new(

@@ -11,8 +11,9 @@
 mod connect;
 mod join;
 mod rate_limit;
+mod refresh;
 
-use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use chat_protocol::{
     ClientFrame, ErrorCode, FrameError, Limits, MessageTemplate, RoomName, ServerFrame, Username,
@@ -27,6 +28,7 @@ pub use connect::ConnectParams;
 use rate_limit::RateLimit;
 
 use crate::{
+    auth::Principal,
     bus::Bus,
     state::AppState,
     transport::{CloseReason, ConnId, Connection, Outbox, Reader, Upgraded, frame},
@@ -52,6 +54,12 @@ struct Session {
     conn: ConnId,
     outbox: Arc<Outbox>,
     legacy: bool,
+    /// Who is on this connection (a verified token decides the name and the rooms).
+    principal: Principal,
+    /// When the token expires (`exp` plus the clock leeway): the connection is closed with
+    /// 4001 then, unless a `refresh` moved it.
+    expires_at: Option<tokio::time::Instant>,
+    /// The name from the connect query (anonymous connections only).
     username: Option<Username>,
     /// Rooms in join order; `false` while the join's replay is in progress.
     rooms: Vec<(RoomName, bool)>,
@@ -64,7 +72,13 @@ struct Session {
 }
 
 /// Serves one upgraded WebSocket until it closes.
-pub async fn run(upgraded: Upgraded, state: Arc<AppState>, params: ConnectParams, at: Endpoint) {
+pub async fn run(
+    upgraded: Upgraded,
+    state: Arc<AppState>,
+    params: ConnectParams,
+    at: Endpoint,
+    principal: Principal,
+) {
     let conn = state.next_conn_id();
     let legacy = at == Endpoint::Legacy;
     let span = info_span!("conn", conn, instance = %state.config.instance_id, legacy);
@@ -74,11 +88,14 @@ pub async fn run(upgraded: Upgraded, state: Arc<AppState>, params: ConnectParams
             state.config.rate_limit_per_sec,
             state.config.rate_limit_burst,
         );
+        let expires_at = principal.identity().map(|id| refresh::deadline(id.exp));
         let mut session = Session {
             state,
             conn,
             outbox: connection.outbox.clone(),
             legacy,
+            principal,
+            expires_at,
             username: None,
             rooms: Vec::new(),
             rate,
@@ -93,22 +110,6 @@ pub async fn run(upgraded: Upgraded, state: Arc<AppState>, params: ConnectParams
     }
     .instrument(span)
     .await;
-}
-
-/// Runs `work` unless the instance stops first (the client is closed with 1012) or the
-/// outbox starts closing for a reason of its own (which stands).
-async fn until<T>(
-    stop: Pin<&mut impl Future<Output = ()>>,
-    done: &CancellationToken,
-    work: impl Future<Output = T>,
-) -> Result<T, CloseReason> {
-    tokio::select! {
-        biased;
-        () = stop => Err(CloseReason::Restart),
-        // The first reason wins: this one is only a placeholder.
-        () = done.cancelled() => Err(CloseReason::Gone),
-        out = work => Ok(out),
-    }
 }
 
 /// Runs `work` unless the outbox starts closing first (its reason stands).
@@ -151,15 +152,27 @@ impl Session {
             return reason;
         }
         self.outbox.write_or_defer();
+        let expiry = tokio::time::sleep_until(refresh::never());
+        tokio::pin!(expiry);
         loop {
-            let message = match until(stop.as_mut(), &done, reader.next()).await {
-                Err(reason) => return reason,
-                Ok(None) => return CloseReason::PeerClosed,
-                Ok(Some(Err(err))) => {
+            expiry
+                .as_mut()
+                .reset(self.expires_at.unwrap_or_else(refresh::never));
+            let next = tokio::select! {
+                biased;
+                () = stop.as_mut() => return CloseReason::Restart,
+                () = &mut expiry => return CloseReason::TokenExpired,
+                // The first reason wins: this one is only a placeholder.
+                () = done.cancelled() => return CloseReason::Gone,
+                next = reader.next() => next,
+            };
+            let message = match next {
+                None => return CloseReason::PeerClosed,
+                Some(Err(err)) => {
                     debug!(error = %err, "read failed");
                     return CloseReason::after_read_error(&err);
                 }
-                Ok(Some(Ok(message))) => message,
+                Some(Ok(message)) => message,
             };
             self.outbox.mark_alive();
             if let Err(reason) = until_closed(&done, Box::pin(self.on_message(message))).await {
@@ -205,9 +218,7 @@ impl Session {
             // A burst (a paste, a client re-sending after a reconnect) is not garbage: a
             // rate-limited frame neither counts toward BAD_FRAME_LIMIT nor resets it.
             let reference = match &frame {
-                Ok(ClientFrame::Join { reference, .. })
-                | Ok(ClientFrame::Leave { reference, .. })
-                | Ok(ClientFrame::Send { reference, .. }) => reference.clone(),
+                Ok(frame) => frame.reference().map(str::to_owned),
                 Err(e) => e.reference.clone(),
             };
             let err = FrameError::new(
@@ -247,6 +258,9 @@ impl Session {
                 username,
                 reference,
             }) => self.send(room, text, username, reference).await,
+            Ok(ClientFrame::Refresh { token, reference }) => {
+                self.refresh(token, reference).await;
+            }
             Err(err) => self.refuse(err).await,
         }
     }
@@ -257,6 +271,12 @@ impl Session {
             return self.refuse(err.with_ref(reference)).await;
         };
         self.rooms.remove(pos);
+        self.leave_room(room).await;
+    }
+
+    /// Leaves `room` (already out of `rooms`) and says `left`.
+    async fn leave_room(&mut self, room: RoomName) {
+        self.rooms.retain(|(r, _)| *r != room);
         // Wait for a possible unsubscribe so that after `left` this instance no longer
         // receives the room's traffic because of this client.
         if let Some(release) = self.state.hub.leave(&room, self.conn, &self.state.bus) {
@@ -292,11 +312,24 @@ impl Session {
                 }
             },
         };
-        let username = username
-            .as_ref()
-            .or(self.username.as_ref())
-            .map_or(ANONYMOUS, Username::as_str);
-        let template = MessageTemplate::new(&room, username, &text);
+        if !self.principal.may_write() {
+            let err = FrameError::new(
+                ErrorCode::Unauthorized,
+                "this connection has no token: it may read, not send",
+            );
+            return self.refuse(err.with_ref(reference)).await;
+        }
+        // An authenticated author's name is its token's: nobody can post as someone else.
+        let template = match self.principal.identity() {
+            Some(id) => MessageTemplate::with_user(&room, id.name.as_str(), Some(&id.user), &text),
+            None => {
+                let username = username
+                    .as_ref()
+                    .or(self.username.as_ref())
+                    .map_or(ANONYMOUS, Username::as_str);
+                MessageTemplate::new(&room, username, &text)
+            }
+        };
         match Box::pin(self.state.bus.publish(&room, &template)).await {
             Ok(id) => {
                 if let Some(reference) = reference {

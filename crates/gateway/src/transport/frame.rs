@@ -111,7 +111,11 @@ pub(crate) mod tests {
                 tungstenite_text(&payload).as_slice(),
                 "{len}"
             );
-            assert_eq!(parse_frames(&ours), vec![(OP_TEXT, payload.clone())], "{len}");
+            assert_eq!(
+                parse_frames(&ours),
+                vec![(OP_TEXT, payload.clone())],
+                "{len}"
+            );
             let mut theirs = Vec::new();
             Frame::message(payload.clone(), OpCode::Data(Data::Binary), true)
                 .format(&mut theirs)

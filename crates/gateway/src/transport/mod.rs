@@ -60,6 +60,8 @@ pub enum CloseReason {
     Restart,
     /// The client broke policy (too many refused frames in a row): 1008.
     Policy,
+    /// The connection's token expired without a `refresh`: 4001.
+    TokenExpired,
     /// The client broke the WebSocket protocol (an unmasked frame, a bad opcode, a
     /// fragmentation error, …): 1002.
     ProtocolError,
@@ -80,6 +82,7 @@ impl CloseReason {
             CloseReason::TooBig => (close::TOO_BIG, "frame too large"),
             CloseReason::Restart => (close::RESTART, "server restarting: reconnect"),
             CloseReason::Policy => (close::POLICY, "too many refused frames"),
+            CloseReason::TokenExpired => (close::TOKEN_EXPIRED, "token expired"),
             CloseReason::ProtocolError => (close::PROTOCOL_ERROR, "protocol error"),
             CloseReason::InvalidUtf8 => (close::INVALID_DATA, "text is not UTF-8"),
             CloseReason::PeerClosed | CloseReason::Gone => return None,
@@ -88,10 +91,10 @@ impl CloseReason {
     }
 
     /// Whether the frames already queued are written before the close frame: on a
-    /// restart (the client did nothing wrong, and an `ack` queued for it must not be lost);
-    /// otherwise they are dropped.
+    /// restart or an expired token (the client did nothing wrong, and an `ack` queued for
+    /// it must not be lost); otherwise they are dropped.
     pub fn writes_queue_first(self) -> bool {
-        self == CloseReason::Restart
+        matches!(self, CloseReason::Restart | CloseReason::TokenExpired)
     }
 
     /// How a failed read ends the connection.

@@ -33,10 +33,12 @@ async fn welcome_then_empty_join(env: Env) -> anyhow::Result<()> {
             instance,
             conn,
             protocol,
+            user,
         } => {
             assert_eq!(instance, "gw-a");
             assert!(!conn.is_empty());
             assert_eq!(protocol, 1);
+            assert_eq!(user, None, "anonymous: no user");
         }
         other => anyhow::bail!("expected welcome, got {other:?}"),
     }
