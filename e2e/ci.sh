@@ -44,10 +44,24 @@ fi
 
 echo "e2e: running the browser test (gateway: $GATEWAY_BIN)"
 status=0
-(cd e2e && node --test --test-concurrency=1 --test-reporter=spec test/) || status=$?
+# Besides the spec output, lib/count-reporter.mjs counts the tests that really ran:
+# `node --test` exits 0 when it finds no test file, or a file that declares no test.
+counts="$(mktemp /tmp/e2e-counts.XXXXXX)"
+trap 'rm -f "$counts"' EXIT
+(cd e2e && node --test --test-concurrency=1 \
+  --test-reporter=spec --test-reporter-destination=stdout \
+  --test-reporter=./lib/count-reporter.mjs --test-reporter-destination="$counts" \
+  test/) || status=$?
+summary="$(grep '^e2e-tests:' "$counts" || true)"
+echo "e2e: ${summary:-no count of the tests that ran (lib/count-reporter.mjs wrote nothing)}"
+ran="$(sed -n 's/.* ran=\([0-9]*\).*/\1/p' <<< "$summary")"
+if [ "$status" -eq 0 ] && [ "${ran:-0}" -eq 0 ]; then
+  echo "e2e: FAILED: no test ran"
+  status=1
+fi
 if [ "$status" -ne 0 ]; then
   echo "e2e: FAILED (exit $status); screenshots in artifacts/, process logs in artifacts/e2e-logs/:"
-  for f in artifacts/e2e-logs/*.log; do
+  for f in artifacts/e2e-logs/*.log artifacts/e2e-logs/*/*.log; do
     [ -f "$f" ] || continue
     echo "----- $f (last 40 lines)"
     tail -n 40 "$f"

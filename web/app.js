@@ -1,10 +1,11 @@
 // The chat page: renders ChatClient's events and turns what the person does into calls on
 // it. User text only ever reaches the page through textContent / attributes, never as HTML.
 
-import { ChatClient, ROOM_RE, checkUsername } from './chat.js';
+import { ChatClient, ROOM_RE, checkUsername, decodeToken, tokenName } from './chat.js';
 
 const NAME_KEY = 'chat.username';
 const ROOMS_KEY = 'chat.rooms';
+const TOKEN_KEY = 'chat.token';
 const DEFAULT_ROOM = 'general';
 const GROUP_WINDOW_MS = 5 * 60 * 1000;
 const MAX_FRAME_TEXT_BYTES = 60000; // under the server's smallest sane MAX_FRAME_BYTES default (64 KiB)
@@ -34,8 +35,12 @@ const els = {
   sendButton: $('send-button'),
   toasts: $('toasts'),
   announcer: $('announcer'),
+  sessionNote: $('session-note'),
   nameDialog: $('name-dialog'),
   nameForm: $('name-form'),
+  nameTitle: $('name-title'),
+  nameText: $('name-text'),
+  nameSubmit: $('name-submit'),
   nameInput: $('name-input'),
   nameError: $('name-error'),
   nameCancel: $('name-cancel'),
@@ -48,7 +53,25 @@ const dayFmt = new Intl.DateTimeFormat(undefined, { weekday: 'long', month: 'lon
 // ---- local state --------------------------------------------------------------------------
 
 const storage = safeLocalStorage();
-let username = checkUsername(storage?.getItem(NAME_KEY) ?? '').ok ? storage.getItem(NAME_KEY).trim() : '';
+/** The token when storage is unavailable (private mode, disabled): for this page only. */
+let tokenInMemory = null;
+let tokenStorageBroken = false;
+// First of all: a sign-in token in the URL moves to storage and out of the address bar.
+takeTokenFromHash();
+/** The name this device remembers (used when not signed in). */
+let chosenName = checkUsername(storage?.getItem(NAME_KEY) ?? '').ok ? storage.getItem(NAME_KEY).trim() : '';
+/** Signed in (a token is in use): the name is the token's and cannot be edited here. */
+let signedIn = false;
+/** The name of own messages, for a token without a usable `name` claim. */
+let ownName = '';
+let username = chosenName;
+{
+  const token = currentToken();
+  if (token) {
+    signedIn = true;
+    username = tokenName(decodeToken(token));
+  }
+}
 
 /** Per room: its log element and what the UI needs to know about it. */
 const views = new Map();
@@ -59,7 +82,7 @@ const initialRooms = loadRooms();
 if (hashRoom && !initialRooms.includes(hashRoom)) initialRooms.push(hashRoom);
 if (initialRooms.length === 0) initialRooms.push(DEFAULT_ROOM);
 
-const client = new ChatClient({ username, rooms: initialRooms });
+const client = new ChatClient({ username, rooms: initialRooms, tokenSource: currentToken });
 // For the end-to-end test and the curious: the live client, read-only use please.
 window.chat = client;
 
@@ -92,6 +115,62 @@ function roomFromHash() {
     return null;
   }
   return ROOM_RE.test(name) ? name : null;
+}
+
+// ---- sign-in token ----------------------------------------------------------------------------
+//
+// The token comes from `#token=…` in the page's URL (an embedding page may set it at any
+// time) or from an earlier visit (localStorage, which an embedding page may update too).
+// ChatClient reads it through currentToken() on every connect and before each refresh.
+
+/** Moves a `token=` hash parameter to storage and removes it from the visible URL. */
+function takeTokenFromHash() {
+  const hash = window.location.hash.replace(/^#/, '');
+  const parts = hash.split('&');
+  const found = parts.find((p) => p.startsWith('token='));
+  if (found === undefined) return false;
+  let token = '';
+  try {
+    token = decodeURIComponent(found.slice('token='.length)).trim();
+  } catch {
+    token = '';
+  }
+  // Out of the address bar (and of this history entry) before anyone copies the link.
+  const rest = parts.filter((p) => !p.startsWith('token=') && p !== '').join('&');
+  history.replaceState(history.state, '', `${window.location.pathname}${window.location.search}${rest ? `#${rest}` : ''}`);
+  storeToken(token || null); // `#token=` (empty) signs out
+  return true;
+}
+
+function storeToken(token) {
+  tokenInMemory = token;
+  try {
+    if (!storage) throw new Error('no storage');
+    if (token) storage.setItem(TOKEN_KEY, token);
+    else storage.removeItem(TOKEN_KEY);
+    tokenStorageBroken = false;
+  } catch {
+    tokenStorageBroken = true;
+  }
+}
+
+/** The current token: the URL's if it has one (taken now), else the stored one. */
+function currentToken() {
+  takeTokenFromHash();
+  if (!tokenStorageBroken && storage) {
+    try {
+      return storage.getItem(TOKEN_KEY) || null;
+    } catch {
+      /* fall through */
+    }
+  }
+  return tokenInMemory;
+}
+
+/** Whether `m` was written by this person: by user id when signed in, else by name. */
+function isOwn(m) {
+  if (client.user) return m.user === client.user;
+  return !m.user && m.username === username;
 }
 
 function viewFor(room) {
@@ -236,13 +315,15 @@ function dayLabel(ts) {
 }
 
 function messageElement(m, prev) {
-  const own = m.username === username;
+  const own = isOwn(m);
   const li = document.createElement('li');
   li.className = 'msg';
   if (own) li.classList.add('own');
   li.dataset.id = String(m.id);
   li.dataset.author = m.username;
-  const grouped = prev && prev.username === m.username && m.ts - prev.ts < GROUP_WINDOW_MS && m.ts >= prev.ts;
+  if (typeof m.user === 'string') li.dataset.user = m.user;
+  const grouped =
+    prev && prev.username === m.username && (prev.user ?? null) === (m.user ?? null) && m.ts - prev.ts < GROUP_WINDOW_MS && m.ts >= prev.ts;
   if (grouped) li.classList.add('cont');
 
   const avatar = document.createElement('span');
@@ -290,7 +371,8 @@ function noticeElement(text) {
 
 function appendMessages(room, messages, replay) {
   const view = viewFor(room);
-  const stick = room !== activeRoom || isNearBottom() || replay || messages.some((m) => m.username === username);
+  adoptOwnName(messages);
+  const stick = room !== activeRoom || isNearBottom() || replay || messages.some(isOwn);
   const frag = document.createDocumentFragment();
   let prev = view.lastMsg;
   for (const m of messages) {
@@ -312,7 +394,7 @@ function appendMessages(room, messages, replay) {
   view.loaded = true;
 
   if (!replay) {
-    const others = messages.filter((m) => m.username !== username);
+    const others = messages.filter((m) => !isOwn(m));
     if (room === activeRoom) {
       for (const m of others) announce(`${m.username}: ${m.text}`);
     } else if (others.length > 0) {
@@ -484,14 +566,48 @@ function updateTitle() {
 // ---- username ---------------------------------------------------------------------------------
 
 function renderUser() {
-  els.userName.textContent = username || 'Choose a name';
+  els.userName.textContent = username || (signedIn ? 'Signed in' : 'Choose a name');
   avatarInto(els.userAvatar, username || '?');
+  els.userButton.classList.toggle('signed-in', signedIn);
+  if (signedIn) els.userButton.title = `Signed in as ${username || client.user || 'you'}`;
+  else els.userButton.removeAttribute('title');
+}
+
+/** The token in use (or its verified user) changed: the name follows it. */
+function applyIdentity({ token, claims, user }) {
+  const was = signedIn;
+  signedIn = Boolean(token);
+  if (!was && signedIn && els.nameDialog.open) els.nameDialog.close();
+  if (!signedIn) ownName = '';
+  const name = signedIn ? tokenName(claims) || ownName || user || '' : chosenName;
+  if (name !== username) username = name;
+  client.setUsername(username);
+  renderUser();
+  refreshOwnership();
+}
+
+/** A token the page cannot read a name from: the server's name on own messages is the one to show. */
+function adoptOwnName(messages) {
+  if (!signedIn || !client.user || tokenName(decodeToken(client.token)) !== '') return;
+  for (const m of messages) if (m.user === client.user && typeof m.username === 'string') ownName = m.username;
+  if (ownName && ownName !== username) {
+    username = ownName;
+    client.setUsername(username);
+    renderUser();
+  }
 }
 
 function openNameDialog(first) {
+  const locked = signedIn;
   els.nameInput.value = username;
+  els.nameInput.readOnly = locked;
+  els.nameTitle.textContent = locked ? 'Signed in' : 'What should we call you?';
+  els.nameText.textContent = locked
+    ? 'You are signed in: your name comes from your sign-in and cannot be changed here.'
+    : 'Your name is shown next to your messages and remembered on this device.';
+  els.nameSubmit.textContent = locked ? 'Close' : 'Start chatting';
   els.nameError.textContent = '';
-  els.nameCancel.hidden = first;
+  els.nameCancel.hidden = first || locked;
   els.nameDialog.dataset.first = first ? 'true' : 'false';
   if (!els.nameDialog.open) els.nameDialog.showModal();
   els.nameInput.focus();
@@ -504,6 +620,10 @@ els.nameDialog.addEventListener('cancel', (e) => {
 els.nameCancel.addEventListener('click', () => els.nameDialog.close());
 els.nameForm.addEventListener('submit', (e) => {
   e.preventDefault();
+  if (signedIn) {
+    els.nameDialog.close();
+    return;
+  }
   const check = checkUsername(els.nameInput.value);
   if (!check.ok) {
     els.nameError.textContent = check.reason;
@@ -514,6 +634,7 @@ els.nameForm.addEventListener('submit', (e) => {
   els.nameInput.removeAttribute('aria-invalid');
   const changed = username !== check.value;
   username = check.value;
+  chosenName = username;
   try {
     storage?.setItem(NAME_KEY, username);
   } catch {
@@ -527,10 +648,10 @@ els.nameForm.addEventListener('submit', (e) => {
 });
 els.userButton.addEventListener('click', () => openNameDialog(false));
 
-/** After a name change, "own" follows the new name. */
+/** After a name or identity change, "own" follows the new name or user id. */
 function refreshOwnership() {
   for (const li of els.logs.querySelectorAll('li.msg')) {
-    const own = li.dataset.author === username;
+    const own = isOwn({ username: li.dataset.author, user: li.dataset.user });
     if (own === li.classList.contains('own')) continue;
     li.classList.toggle('own', own);
     const meta = li.querySelector('.meta');
@@ -562,7 +683,7 @@ els.input.addEventListener('keydown', (e) => {
 els.composer.addEventListener('submit', (e) => {
   e.preventDefault();
   if (!activeRoom) return;
-  if (!username) {
+  if (!username && !signedIn) {
     openNameDialog(true);
     return;
   }
@@ -609,6 +730,16 @@ els.scroller.addEventListener('scroll', () => {
 });
 
 window.addEventListener('hashchange', () => {
+  // An embedding page handing over a (new) token: take it, out of the URL, and use it.
+  if (takeTokenFromHash()) {
+    if (!roomFromHash() && activeRoom) {
+      history.replaceState(history.state, '', `${window.location.pathname}${window.location.search}#room=${encodeURIComponent(activeRoom)}`);
+    }
+    client.tokenChanged();
+    const room = roomFromHash();
+    if (room && room !== activeRoom) joinRoom(room);
+    return;
+  }
   const room = roomFromHash();
   if (room) joinRoom(room);
   else if (window.location.hash.includes('room=')) toast('That link names an invalid room.');
@@ -641,8 +772,8 @@ client.addEventListener('joined', (e) => {
   }
 });
 client.addEventListener('roomerror', (e) => {
-  const { room, text } = e.detail;
-  toast(`Could not join #${room}. ${text}`);
+  const { room, text, left } = e.detail;
+  toast(left ? `You left #${room}. ${text}` : `Could not join #${room}. ${text}`);
   views.get(room)?.log.remove();
   views.delete(room);
   saveRooms();
@@ -654,6 +785,24 @@ client.addEventListener('outbox', () => {
   renderEmptyState();
 });
 client.addEventListener('problem', (e) => toast(e.detail.text));
+client.addEventListener('identity', (e) => applyIdentity(e.detail));
+client.addEventListener('auth', (e) => renderAuth(e.detail));
+// Another tab (or the embedding page in one) stored a new token.
+window.addEventListener('storage', (e) => {
+  if (e.key === TOKEN_KEY || e.key === null) client.tokenChanged();
+});
+
+let lastAuthText = '';
+function renderAuth(a) {
+  els.sessionNote.textContent = a.text;
+  els.sessionNote.hidden = a.text === '';
+  els.sessionNote.dataset.state = a.state;
+  // For the curious and the end-to-end test: when the token in use expires.
+  if (a.exp) els.status.dataset.tokenExp = String(a.exp);
+  else delete els.status.dataset.tokenExp;
+  if (a.refreshed && lastAuthText !== '') announce('Your session was renewed.');
+  lastAuthText = a.text;
+}
 
 // ---- start ----------------------------------------------------------------------------------------
 
@@ -670,5 +819,5 @@ saveRooms();
 renderUser();
 setActive(hashRoom ?? client.roomNames()[0] ?? null);
 client.start();
-if (!username) openNameDialog(true);
+if (!username && !signedIn) openNameDialog(true);
 else els.input.focus();

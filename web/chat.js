@@ -11,6 +11,13 @@
 //   roomerror {room, code, text}         the room could not be joined and was dropped
 //   outbox    {}                         a pending message changed state, appeared or went away
 //   problem   {code, text}               a server error not tied to a message, in words
+//   identity  {token, claims, user}      the sign-in token in use or the verified user id changed
+//   auth      {state, text, exp}         the sign-in token's life, in words (see setAuth)
+//
+// Sign-in: `tokenSource` (a function) returns the current token, or null. It is read on
+// every connect (sent as the `token` query parameter: browsers cannot set headers on a
+// WebSocket) and again shortly before the token in use expires, to send `refresh` with
+// whatever the source holds by then (the embedding page may have put a new token there).
 
 export const ROOM_RE = /^[A-Za-z0-9_-]{1,64}$/;
 const CONTROL_RE = /[\u0000-\u001f\u007f-\u009f]/;
@@ -41,7 +48,7 @@ export function describeError(code, message) {
     case 'unavailable':
       return 'The chat service is temporarily unavailable. Retrying…';
     case 'unauthorized':
-      return 'You need to sign in to do that.';
+      return 'Sending needs a sign-in: without one you can read this room, not write in it.';
     case 'forbidden':
       return 'You are not allowed to do that.';
     case 'bad_request':
@@ -55,6 +62,58 @@ const BACKOFF_BASE_MS = 1000;
 const BACKOFF_CAP_MS = 30000;
 const CONNECT_TIMEOUT_MS = 10000;
 const OUTBOX_KEY = 'chat.outbox';
+/** The server's clock leeway on `exp` (auth.rs LEEWAY_SECS). */
+const TOKEN_LEEWAY_S = 5;
+/** Refresh this long before `exp`: a quarter of the token's life, within these bounds. */
+const REFRESH_LEAD_MIN_S = 2;
+const REFRESH_LEAD_MAX_S = 60;
+/** How often the token source is looked at while waiting for a new token. */
+const TOKEN_POLL_MS = 1000;
+
+/**
+ * The claims of a JWT (its payload, base64url JSON), decoded without any verification: the
+ * server verifies; the page only reads `name`, `sub`, `exp`, `iat` and `rooms` to show them
+ * and to know when to refresh. Null when it cannot be read.
+ */
+export function decodeToken(token) {
+  if (typeof token !== 'string') return null;
+  const parts = token.split('.');
+  if (parts.length !== 3) return null;
+  try {
+    let b64 = parts[1].replace(/-/g, '+').replace(/_/g, '/');
+    b64 += '='.repeat((4 - (b64.length % 4)) % 4);
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const claims = JSON.parse(new TextDecoder().decode(bytes));
+    return claims && typeof claims === 'object' && !Array.isArray(claims) ? claims : null;
+  } catch {
+    return null;
+  }
+}
+
+/** The display name a token gives (its `name`, else its `sub`, as the server does), or ''. */
+export function tokenName(claims) {
+  for (const value of [claims?.name, claims?.sub]) {
+    if (typeof value !== 'string') continue;
+    const check = checkUsername(value);
+    if (check.ok) return check.value;
+  }
+  return '';
+}
+
+/** Whether a token's `rooms` claim (names and `prefix*` patterns; none: all) allows `room`. */
+export function tokenAllowsRoom(claims, room) {
+  if (!claims || !Array.isArray(claims.rooms)) return true;
+  return claims.rooms.some((p) => typeof p === 'string' && (p.endsWith('*') ? room.startsWith(p.slice(0, -1)) : p === room));
+}
+
+function expOf(claims) {
+  const exp = Number(claims?.exp);
+  return Number.isFinite(exp) && exp > 0 ? exp : null;
+}
+
+function clockTime(unixSeconds) {
+  return new Date(unixSeconds * 1000).toLocaleTimeString(undefined, { hour: 'numeric', minute: '2-digit', second: '2-digit' });
+}
 
 /**
  * Exponential backoff with "equal jitter": attempt 1 waits 0.5–1 s, attempt 2 1–2 s, …,
@@ -77,15 +136,33 @@ export function defaultUrl(loc = window.location) {
 
 export class ChatClient extends EventTarget {
   /**
-   * @param {{url?: string, username?: string, rooms?: string[], storage?: Storage}} options
+   * @param {{url?: string, username?: string, rooms?: string[], storage?: Storage, tokenSource?: () => (string|null)}} options
    * `storage` (sessionStorage by default) keeps the outbox across a reload of this tab; it is
    * per tab on purpose, so two tabs never both re-send the same pending message.
+   * `tokenSource` returns the current sign-in token (none: the page is anonymous).
    */
-  constructor({ url = defaultUrl(), username = '', rooms = [], storage = safeSessionStorage() } = {}) {
+  constructor({ url = defaultUrl(), username = '', rooms = [], storage = safeSessionStorage(), tokenSource = () => null } = {}) {
     super();
     this.url = url;
     this.username = username;
     this.storage = storage;
+    this.tokenSource = tokenSource;
+    /** The token the current (or last) connection uses: set at connect, moved by `refreshed`. */
+    this.token = null;
+    /** When that token expires (Unix seconds), as far as the page knows. */
+    this.tokenExp = null;
+    /** The verified user id (`welcome.user`); null when the server did not authenticate us. */
+    this.user = null;
+    /** A `refresh` awaiting its answer: {token, ref}. */
+    this.refreshing = null;
+    /** Tokens the server refused in a `refresh` (not offered again). */
+    this.refusedTokens = [];
+    this.refreshError = '';
+    this.refreshDue = 0;
+    this.refreshTimer = null;
+    this.tokenWatch = null;
+    this.authFailures = 0;
+    this.auth = { state: 'none', text: '', exp: null };
     /** @type {Map<string, {name: string, lastId: number, state: 'idle'|'joining'|'joined', buffer: object[], retryTimer: any}>} */
     this.rooms = new Map();
     for (const name of rooms) if (ROOM_RE.test(name)) this.rooms.set(name, newRoom(name));
@@ -124,6 +201,8 @@ export class ChatClient extends EventTarget {
   stop() {
     this.stopped = true;
     clearTimeout(this.reconnectTimer);
+    clearTimeout(this.refreshTimer);
+    this.stopWatchingToken();
     if (this.ws) this.ws.close(1000, 'bye');
     if (typeof window !== 'undefined') {
       window.removeEventListener('online', this.onOnline);
@@ -140,6 +219,27 @@ export class ChatClient extends EventTarget {
 
   setUsername(name) {
     this.username = name;
+  }
+
+  /**
+   * The token source may hold a new token (the page calls this on `hashchange` and
+   * `storage` events; the source is also looked at on a timer when it matters): refresh
+   * with it now, reconnect with it after a refusal or an expiry, or sign in with it.
+   */
+  tokenChanged() {
+    if (this.stopped) return;
+    const next = this.currentToken();
+    if (!this.ws) {
+      if (next && next !== this.token) this.retryNow();
+      return;
+    }
+    if (!this.welcomed) return; // connecting: its outcome decides what comes next
+    if (this.token && this.user) {
+      this.tryRefresh();
+    } else if (next && next !== this.token) {
+      // Anonymous until now: signing in takes a new connection.
+      this.reconnectNow('Signing in…');
+    }
   }
 
   roomNames() {
@@ -234,6 +334,17 @@ export class ChatClient extends EventTarget {
       }
     }
     if (checkUsername(this.username).ok) url.searchParams.set('username', this.username.trim());
+    const token = this.currentToken();
+    this.stopWatchingToken();
+    clearTimeout(this.refreshTimer);
+    this.refreshing = null;
+    this.refreshError = '';
+    if (token !== this.token) {
+      this.token = token;
+      this.emitIdentity();
+    }
+    this.tokenExp = expOf(decodeToken(token));
+    if (token) url.searchParams.set('token', token);
     this.setStatus({
       state: this.attempt > 0 ? 'reconnecting' : 'connecting',
       instance: null,
@@ -284,7 +395,10 @@ export class ChatClient extends EventTarget {
   }
 
   onClose(ev, seq) {
+    const welcomed = this.welcomed;
     clearTimeout(this.connectTimer);
+    clearTimeout(this.refreshTimer);
+    this.refreshing = null;
     this.ws = null;
     this.welcomed = false;
     this.instance = null;
@@ -327,11 +441,183 @@ export class ChatClient extends EventTarget {
       });
       return;
     }
+    if (ev.code === 4001) {
+      this.onTokenExpired();
+      return;
+    }
+    if (this.token && !welcomed && ev.code === 1006) {
+      // Closed before `welcome` without a close frame: the upgrade was refused. The page
+      // cannot read the HTTP status; with a token the likely answer is 401.
+      this.onTokenRefused();
+      return;
+    }
     if (typeof navigator !== 'undefined' && navigator.onLine === false) {
       this.setStatus({ state: 'offline', instance: null, attempt: this.attempt, retryAt: null, reason: 'Your device is offline.' });
       return;
     }
     this.scheduleReconnect(closeReason(ev));
+  }
+
+  /** Closes the connection now and opens a new one at once. */
+  reconnectNow(reason) {
+    const ws = this.ws;
+    if (!ws) return this.retryNow();
+    this.onClose({ code: 1000, reason }, this.connSeq);
+    ws.close(1000, 'reconnecting');
+    this.retryNow();
+  }
+
+  // ---- the sign-in token ---------------------------------------------------------------
+
+  currentToken() {
+    let token = null;
+    try {
+      token = this.tokenSource();
+    } catch {
+      token = null;
+    }
+    return typeof token === 'string' && token.trim() !== '' ? token.trim() : null;
+  }
+
+  emitIdentity() {
+    this.emit('identity', { token: this.token, claims: decodeToken(this.token), user: this.user });
+  }
+
+  /**
+   * `state`: none (no token in use) | active (accepted; `refreshed` set after a refresh) |
+   * expiring (due for a refresh and the source has nothing new) | refresh-refused |
+   * refused (the connection was refused) | expired (closed with 4001). `text` is what to
+   * tell the person ('' when nothing needs saying).
+   */
+  setAuth(state, text = '', extra = {}) {
+    const live = state === 'active' || state === 'expiring' || state === 'refresh-refused';
+    this.auth = { state, text, exp: live && this.user ? this.tokenExp : null, ...extra };
+    this.emit('auth', this.auth);
+  }
+
+  /** After `welcome`: arm the refresh of a token the server verified. */
+  startTokenLife() {
+    this.authFailures = 0;
+    if (this.token && this.user) {
+      this.setAuth('active');
+      this.scheduleRefresh();
+    } else {
+      // No token, or a server with authentication off (it ignored the token).
+      this.setAuth('none');
+    }
+  }
+
+  scheduleRefresh() {
+    clearTimeout(this.refreshTimer);
+    this.refreshTimer = null;
+    if (!this.token || !this.user || !this.tokenExp) return;
+    const iat = Number(decodeToken(this.token)?.iat);
+    const nowS = Date.now() / 1000;
+    const life = this.tokenExp - (Number.isFinite(iat) && iat < this.tokenExp ? iat : nowS);
+    const lead = Math.min(REFRESH_LEAD_MAX_S, Math.max(REFRESH_LEAD_MIN_S, life / 4));
+    this.refreshDue = (this.tokenExp - lead) * 1000;
+    // setTimeout fires at once beyond 2^31-1 ms: wake up daily and look again.
+    const delay = Math.min(Math.max(0, this.refreshDue - Date.now()), 86400000);
+    this.refreshTimer = setTimeout(() => this.onRefreshDue(), delay);
+  }
+
+  onRefreshDue() {
+    this.refreshTimer = null;
+    if (!this.welcomed || !this.token || !this.user || this.refreshing) return;
+    if (Date.now() < this.refreshDue) {
+      this.scheduleRefresh();
+      return;
+    }
+    if (this.tryRefresh()) return; // the answer re-arms the timer
+    // The source still holds the token in use: say so, and look again shortly.
+    if (this.auth.state !== 'expiring') {
+      const until = this.tokenExp ? ` at ${clockTime(this.tokenExp)}` : ' soon';
+      const why = this.refreshError ? ` The last new token was refused: ${this.refreshError}` : '';
+      this.setAuth('expiring', `Your session expires${until} and no new sign-in token is available yet.${why}`);
+    }
+    this.refreshTimer = setTimeout(() => this.onRefreshDue(), TOKEN_POLL_MS);
+  }
+
+  /** Sends `refresh` if the source holds a token other than the one in use. */
+  tryRefresh() {
+    if (!this.welcomed || !this.token || !this.user || this.refreshing) return false;
+    const next = this.currentToken();
+    if (!next || next === this.token || this.refusedTokens.includes(next)) return false;
+    const ref = `r:${++this.refSeq}`;
+    if (!this.sendFrame({ type: 'refresh', token: next, ref })) return false;
+    this.refreshing = { token: next, ref };
+    return true;
+  }
+
+  onRefreshed(f) {
+    const pending = this.refreshing;
+    if (!pending) return;
+    this.refreshing = null;
+    this.refreshError = '';
+    this.token = pending.token;
+    this.tokenExp = Number(f.exp) || expOf(decodeToken(this.token));
+    this.emitIdentity();
+    this.setAuth('active', '', { refreshed: true });
+    this.scheduleRefresh();
+  }
+
+  onRefreshRefused(f) {
+    const pending = this.refreshing;
+    if (!pending || pending.ref !== f.ref) return;
+    this.refreshing = null;
+    this.refusedTokens = [...this.refusedTokens.slice(-4), pending.token];
+    this.refreshError = typeof f.message === 'string' && f.message ? f.message : String(f.code ?? 'refused');
+    const until = this.tokenExp ? ` until ${clockTime(this.tokenExp)}` : '';
+    this.setAuth('refresh-refused', `A new sign-in token was refused (${this.refreshError}); your session goes on${until}.`);
+    this.scheduleRefresh();
+  }
+
+  /** Closed with 4001: the token in use expired without a refresh. */
+  onTokenExpired() {
+    const next = this.currentToken();
+    if (next && next !== this.token) {
+      const text = 'Your session expired: reconnecting with a fresh token.';
+      this.setAuth('expired', text);
+      this.scheduleReconnect(text);
+      return;
+    }
+    const text = 'Your session expired.';
+    this.setAuth('expired', `${text} Waiting for a new sign-in token…`);
+    this.setStatus({ state: 'offline', instance: null, attempt: this.attempt, retryAt: null, reason: text });
+    this.watchToken();
+  }
+
+  /** The connection was refused before `welcome` while a token was in use. */
+  onTokenRefused() {
+    this.authFailures += 1;
+    const claims = decodeToken(this.token);
+    let why = '';
+    if (!claims) why = ' (it is not a readable token)';
+    else if (expOf(claims) && expOf(claims) + TOKEN_LEEWAY_S < Date.now() / 1000) why = ` (it expired at ${clockTime(expOf(claims))})`;
+    const text = `The server refused your sign-in token${why}. Trying again later, or as soon as a new token is available.`;
+    // Backing off: 2–4 s, then 4–8 s, … up to 15–30 s, whatever the attempt count says.
+    this.attempt += 1;
+    const delay = backoffDelay(this.authFailures + 2);
+    this.setAuth('refused', text);
+    this.setStatus({ state: 'reconnecting', instance: null, attempt: this.attempt, retryAt: Date.now() + delay, reason: text });
+    clearTimeout(this.reconnectTimer);
+    this.reconnectTimer = setTimeout(() => this.connect(), delay);
+    this.watchToken();
+  }
+
+  /** While disconnected because of the token: connect as soon as the source has another. */
+  watchToken() {
+    this.stopWatchingToken();
+    this.tokenWatch = setInterval(() => {
+      if (this.stopped || this.ws) return this.stopWatchingToken();
+      const next = this.currentToken();
+      if (next && next !== this.token) this.retryNow();
+    }, TOKEN_POLL_MS);
+  }
+
+  stopWatchingToken() {
+    clearInterval(this.tokenWatch);
+    this.tokenWatch = null;
   }
 
   scheduleReconnect(reason) {
@@ -372,13 +658,20 @@ export class ChatClient extends EventTarget {
 
   onFrame(f, seq) {
     switch (f.type) {
-      case 'welcome':
+      case 'welcome': {
         this.welcomed = true;
         this.instance = String(f.instance ?? '');
         clearTimeout(this.connectTimer);
+        const user = typeof f.user === 'string' ? f.user : null;
+        if (user !== this.user) {
+          this.user = user;
+          this.emitIdentity();
+        }
+        this.startTokenLife();
         this.setStatus({ state: 'connected', instance: this.instance, attempt: 0, retryAt: null, reason: '' });
         for (const room of this.rooms.values()) if (room.state === 'idle') this.sendJoin(room);
         break;
+      }
       case 'message':
         this.onMessage(f);
         break;
@@ -386,6 +679,10 @@ export class ChatClient extends EventTarget {
         this.onJoined(f);
         break;
       case 'left':
+        this.onLeft(f);
+        break;
+      case 'refreshed':
+        this.onRefreshed(f);
         break;
       case 'ack':
         this.onAck(f);
@@ -442,6 +739,19 @@ export class ChatClient extends EventTarget {
     this.flush(room.name);
   }
 
+  /** A `left` we did not ask for: a refreshed token no longer allows the room. */
+  onLeft(f) {
+    const room = this.rooms.get(f.room);
+    // Our own leave removed the room first; a re-join's `left` comes before its `joined`.
+    if (!room || room.state !== 'joined') return;
+    clearTimeout(room.retryTimer);
+    this.rooms.delete(room.name);
+    const before = this.outbox.length;
+    this.outbox = this.outbox.filter((p) => p.room !== room.name);
+    if (this.outbox.length !== before) this.outboxChanged();
+    this.emit('roomerror', { room: room.name, code: 'forbidden', left: true, text: 'Your sign-in no longer gives you access to this room.' });
+  }
+
   onAck(f) {
     const p = this.outbox.find((x) => x.ref === f.ref);
     if (!p) return; // already matched with its stored copy
@@ -468,7 +778,11 @@ export class ChatClient extends EventTarget {
       return;
     }
     if (ref && ref.startsWith('l:')) return; // a leave that raced with a drop: nothing to do
-    if (!ref && this.autoJoin && this.autoJoin.state === 'joining' && (code === 'unavailable' || code === 'invalid_room')) {
+    if (ref && ref.startsWith('r:')) {
+      this.onRefreshRefused(f);
+      return;
+    }
+    if (!ref && this.autoJoin && this.autoJoin.state === 'joining' && (code === 'unavailable' || code === 'invalid_room' || code === 'forbidden')) {
       // The connection's automatic join (the `room` query parameter) failed: such an error
       // carries no ref. Handle it as the failure of that room's join.
       this.onError({ ...f, ref: `j:${this.autoJoin.name}` }, seq);
@@ -490,12 +804,18 @@ export class ChatClient extends EventTarget {
         this.rooms.delete(room.name);
         this.outbox = this.outbox.filter((p) => p.room !== room.name);
         this.outboxChanged();
-        const why = code === 'forbidden' ? 'You are in as many rooms as the server allows; leave one first.' : text;
+        const why = code === 'forbidden' ? this.forbiddenText(room.name) : text;
         this.emit('roomerror', { room: room.name, code, text: why });
       }
       return;
     }
     this.emit('problem', { code, text });
+  }
+
+  forbiddenText(room) {
+    const claims = this.token && this.user ? decodeToken(this.token) : null;
+    if (claims && !tokenAllowsRoom(claims, room)) return 'Your sign-in does not give you access to this room.';
+    return 'You are in as many rooms as the server allows; leave one first.';
   }
 
   onSendError(p, code, text, seq) {
@@ -577,7 +897,7 @@ export class ChatClient extends EventTarget {
           p.state !== 'failed' &&
           p.baseline !== null &&
           m.id > p.baseline &&
-          p.username.trim() === m.username &&
+          this.sameAuthor(p, m) &&
           p.text === m.text,
       );
       if (byContent) {
@@ -593,6 +913,12 @@ export class ChatClient extends EventTarget {
       }
     }
     if (changed) this.outboxChanged();
+  }
+
+  /** Whether stored message `m` can be pending message `p`: same user id, else same name. */
+  sameAuthor(p, m) {
+    if (typeof m.user === 'string') return m.user === this.user;
+    return String(p.username ?? '').trim() === m.username;
   }
 
   removePending(p, notify = true) {

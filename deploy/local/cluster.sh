@@ -237,6 +237,7 @@ cmd_start() {
     # APP_ENV=production: never read a .env file.
     launch "gateway-$id" "$gw_bin" env "APP_ENV=${APP_ENV:-production}" \
       HOST=127.0.0.1 "PORT=$port" "REDIS_URL=$redis_url" "INSTANCE_ID=$id" \
+      TRUSTED_PROXIES=127.0.0.1/32 \
       "LOG_FORMAT=${LOG_FORMAT:-pretty}" NO_COLOR=1 "$gw_bin"
     urls+=("http://127.0.0.1:$port"); ids+=("$id"); ports+=("$port")
   done

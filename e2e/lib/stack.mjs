@@ -1,6 +1,7 @@
 // The system under test, started from scratch on free loopback ports: one redis-server,
 // N chat-gateway instances on it, and nginx (deploy/nginx/nginx.conf) balancing over them.
-// Everything lives in a temporary directory; logs go to artifacts/e2e-logs/.
+// Everything lives in a temporary directory; logs go to artifacts/e2e-logs/ (a named stack's
+// to artifacts/e2e-logs/<name>/, so that test files do not overwrite each other's).
 
 import { spawn, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -53,10 +54,10 @@ function which(cmd, fallbacks = []) {
   throw new Error(`${cmd} not found on PATH (run e2e/ci.sh to install it)`);
 }
 
-/** Spawns a long-running child with stdout+stderr appended to artifacts/e2e-logs/<name>.log. */
-function launch(name, cmd, args, { env = {}, cwd } = {}) {
-  fs.mkdirSync(logsDir, { recursive: true });
-  const logPath = path.join(logsDir, `${name}.log`);
+/** Spawns a long-running child with stdout+stderr appended to <dir>/<name>.log. */
+function launch(name, cmd, args, { env = {}, cwd, dir = logsDir } = {}) {
+  fs.mkdirSync(dir, { recursive: true });
+  const logPath = path.join(dir, `${name}.log`);
   const fd = fs.openSync(logPath, 'a');
   fs.writeSync(fd, `\n=== ${new Date().toISOString()} ${cmd} ${args.join(' ')}\n`);
   const child = spawn(cmd, args, {
@@ -150,16 +151,36 @@ async function httpStatus(url) {
 }
 
 export class Stack {
-  constructor() {
+  /**
+   * @param {{name?: string, gatewayEnv?: Record<string, string>}} options
+   * `name`: logs go to artifacts/e2e-logs/<name>/ (default: artifacts/e2e-logs/ itself).
+   * `gatewayEnv`: extra environment of every gateway (e.g. AUTH_JWT_SECRET), over the
+   * defaults below; startGateway() can add more for one instance.
+   */
+  constructor({ name = '', gatewayEnv = {} } = {}) {
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chat-e2e-'));
     // nginx workers drop root privileges: let them reach the prefix.
     fs.chmodSync(this.dir, 0o755);
     this.gateways = new Map();
+    this.gatewayEnv = gatewayEnv;
     this.gatewayBin = path.resolve(repoRoot, process.env.GATEWAY_BIN || 'target/release/chat-gateway');
     if (!fs.existsSync(this.gatewayBin)) {
       throw new Error(`gateway binary ${this.gatewayBin} not found: build it (cargo build --release -p chat-gateway) or set GATEWAY_BIN`);
     }
-    fs.rmSync(logsDir, { recursive: true, force: true });
+    this.logsDir = name ? path.join(logsDir, name) : logsDir;
+    // Only this stack's logs of an earlier run: another test file's stay.
+    if (name) {
+      fs.rmSync(this.logsDir, { recursive: true, force: true });
+    } else if (fs.existsSync(logsDir)) {
+      for (const f of fs.readdirSync(logsDir)) if (f.endsWith('.log')) fs.rmSync(path.join(logsDir, f), { force: true });
+    }
+  }
+
+  /** The log files of this stack's processes (e.g. to check what they wrote). */
+  logFiles() {
+    return fs.existsSync(this.logsDir)
+      ? fs.readdirSync(this.logsDir).filter((f) => f.endsWith('.log')).map((f) => path.join(this.logsDir, f))
+      : [];
   }
 
   async startRedis() {
@@ -172,7 +193,7 @@ export class Stack {
       '--save', '',
       '--appendonly', 'no',
       '--dir', dir,
-    ]);
+    ], { dir: this.logsDir });
     await until('redis-server', () => redisPing(this.redisPort), { child: this.redisProc });
     this.redisUrl = `redis://127.0.0.1:${this.redisPort}`;
   }
@@ -182,9 +203,14 @@ export class Stack {
     return redisCommand(this.redisPort, args);
   }
 
-  /** Starts (or restarts, on the same port) the gateway called `id`. */
-  async startGateway(id, port) {
-    port ??= this.gateways.get(id)?.port ?? (await freePort());
+  /**
+   * Starts (or restarts, on the same port and with the same `env`) the gateway called `id`.
+   * `env`: extra environment for this instance, over the stack's `gatewayEnv`.
+   */
+  async startGateway(id, port, { env: extra } = {}) {
+    const known = this.gateways.get(id);
+    port ??= known?.port ?? (await freePort());
+    extra ??= known?.env ?? {};
     const env = {
       APP_ENV: 'production', // never read a developer's .env
       HOST: '127.0.0.1',
@@ -200,10 +226,12 @@ export class Stack {
       // to web/ without rebuilding.
       WEB_DIR: process.env.WEB_DIR || '',
       NO_COLOR: '1',
+      ...this.gatewayEnv,
+      ...extra,
     };
-    const child = launch(`gateway-${id}`, this.gatewayBin, [], { env, cwd: this.dir });
+    const child = launch(`gateway-${id}`, this.gatewayBin, [], { env, cwd: this.dir, dir: this.logsDir });
     await until(`gateway ${id}`, async () => (await httpStatus(`http://127.0.0.1:${port}/readyz`)) === 200, { child });
-    const gw = { id, port, child };
+    const gw = { id, port, child, env: extra };
     this.gateways.set(id, gw);
     return gw;
   }
@@ -236,7 +264,7 @@ export class Stack {
     } catch (e) {
       throw new Error(`nginx -t failed:\n${e.stderr}`);
     }
-    this.nginx = launch('nginx', nginx, args);
+    this.nginx = launch('nginx', nginx, args, { dir: this.logsDir });
     this.baseUrl = `http://127.0.0.1:${this.nginxPort}`;
     await until('nginx', async () => (await httpStatus(`${this.baseUrl}/healthz`)) === 200, { child: this.nginx });
   }

@@ -103,6 +103,8 @@ impl Deployment {
             let mut vars: Vec<(&str, &str)> = vec![
                 ("INSTANCE_ID", &id),
                 ("RATE_LIMIT_PER_SEC", "0"),
+                // Thousands of connections from a few loopback addresses.
+                ("MAX_CONNECTIONS_PER_IP", "0"),
                 ("RUST_LOG", "warn"),
             ];
             if let Some(url) = &url {

@@ -1,52 +1,131 @@
 //! Who may open a WebSocket, decided before the upgrade: the Origin check against
-//! cross-site WebSocket hijacking (`ALLOWED_ORIGINS`, refused with 403) and the
-//! instance's connection limit (`MAX_CONNECTIONS`, refused with 503).
+//! cross-site WebSocket hijacking (`ALLOWED_ORIGINS`, refused with 403), the instance's
+//! connection limit (`MAX_CONNECTIONS`, 503) and the per-address one
+//! (`MAX_CONNECTIONS_PER_IP`, 429), with the client's address taken from
+//! `X-Forwarded-For` only behind a trusted proxy (`TRUSTED_PROXIES`).
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicUsize, Ordering},
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use axum::http::{HeaderMap, header};
+use ipnet::IpNet;
 
-/// Open WebSocket connections on this instance, against `MAX_CONNECTIONS`.
+use crate::sync::lock;
+
+/// Open WebSocket connections, against `MAX_CONNECTIONS` (this instance) and
+/// `MAX_CONNECTIONS_PER_IP` (one client address).
 #[derive(Debug)]
 pub struct ConnectionLimit {
     open: Arc<AtomicUsize>,
     /// 0: no limit.
     max: usize,
+    /// Open connections per client address (only addresses with one open).
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// 0: no limit.
+    max_per_ip: usize,
 }
 
-/// One admitted connection; gives its place back when dropped.
+/// Why a connection was not admitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The instance is at `MAX_CONNECTIONS` (HTTP 503: try another instance).
+    Instance,
+    /// The client address is at `MAX_CONNECTIONS_PER_IP` (HTTP 429).
+    Address,
+}
+
+/// One admitted connection; gives its places back when dropped.
 #[derive(Debug)]
-pub struct ConnectionSlot(Arc<AtomicUsize>);
+pub struct ConnectionSlot {
+    open: Arc<AtomicUsize>,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        let mut per_ip = lock(&self.per_ip);
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
     }
 }
 
 impl ConnectionLimit {
-    /// At most `max` connections at once (0: no limit).
-    pub fn new(max: usize) -> Self {
+    /// At most `max` connections at once, `max_per_ip` of them from one address (0: no
+    /// limit).
+    pub fn new(max: usize, max_per_ip: usize) -> Self {
         ConnectionLimit {
             open: Arc::new(AtomicUsize::new(0)),
             max,
+            per_ip: Arc::default(),
+            max_per_ip,
         }
     }
 
-    /// A slot for one more connection, or `None` at the limit.
-    pub fn admit(&self) -> Option<ConnectionSlot> {
+    /// A slot for one more connection from `ip`, or why not.
+    pub fn admit(&self, ip: IpAddr) -> Result<ConnectionSlot, Refusal> {
+        {
+            let mut per_ip = lock(&self.per_ip);
+            let n = per_ip.entry(ip).or_insert(0);
+            if self.max_per_ip > 0 && *n >= self.max_per_ip {
+                return Err(Refusal::Address);
+            }
+            *n += 1;
+        }
         let before = self.open.fetch_add(1, Ordering::Relaxed);
-        let slot = ConnectionSlot(self.open.clone());
-        (self.max == 0 || before < self.max).then_some(slot)
+        let slot = ConnectionSlot {
+            open: self.open.clone(),
+            per_ip: self.per_ip.clone(),
+            ip,
+        };
+        if self.max > 0 && before >= self.max {
+            return Err(Refusal::Instance);
+        }
+        Ok(slot)
     }
 
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
     }
+}
+
+/// The client's address: the peer's, or — when the peer is a trusted proxy
+/// (`TRUSTED_PROXIES`) — the first address in `X-Forwarded-For`, from the right, that is
+/// not a trusted proxy itself (the hops a client can forge are further left).
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let hops = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect::<Vec<_>>();
+    let mut client = peer;
+    for hop in hops.iter().rev() {
+        match hop.parse::<IpAddr>() {
+            Ok(ip) if is_trusted(&ip) => client = ip,
+            Ok(ip) => return ip,
+            // Garbage in the header: the last trusted hop is all that is known.
+            Err(_) => return client,
+        }
+    }
+    client
 }
 
 /// Which browser origins may open WebSockets (`ALLOWED_ORIGINS`).
@@ -107,8 +186,12 @@ impl OriginPolicy {
     /// Whether a request with these headers may upgrade. Requests without `Origin` (not
     /// from a browser) are allowed: the attack this prevents needs a victim's browser.
     pub fn allows(&self, headers: &HeaderMap) -> bool {
-        let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        let Some(origin) = headers.get(header::ORIGIN) else {
             return true;
+        };
+        // An Origin that is not text is not an origin we allow (fail closed).
+        let Ok(origin) = origin.to_str() else {
+            return false;
         };
         let origin = origin.trim_end_matches('/').to_ascii_lowercase();
         let Some((_, origin_host)) = origin.split_once("://") else {
@@ -155,17 +238,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_connection_limit_admits_up_to_max_and_frees_on_drop() {
-        let limit = ConnectionLimit::new(2);
-        let a = limit.admit().unwrap();
-        let _b = limit.admit().unwrap();
-        assert!(limit.admit().is_none());
-        assert_eq!(limit.open(), 2);
-        drop(a);
-        assert!(limit.admit().is_some());
-        let unlimited = ConnectionLimit::new(0);
-        let slots: Vec<_> = (0..100).map(|_| unlimited.admit().unwrap()).collect();
+    fn the_connection_limits_admit_up_to_their_max_and_free_on_drop() {
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let limit = ConnectionLimit::new(3, 2);
+        let a1 = limit.admit(a).unwrap();
+        let _a2 = limit.admit(a).unwrap();
+        assert_eq!(limit.admit(a).err(), Some(Refusal::Address));
+        let _b1 = limit.admit(b).unwrap();
+        assert_eq!(limit.admit(b).err(), Some(Refusal::Instance));
+        assert_eq!(limit.open(), 3);
+        drop(a1);
+        assert!(limit.admit(a).is_ok());
+        let unlimited = ConnectionLimit::new(0, 0);
+        let slots: Vec<_> = (0..100).map(|_| unlimited.admit(a).unwrap()).collect();
         assert_eq!(unlimited.open(), slots.len());
+        drop(slots);
+        assert!(
+            lock(&unlimited.per_ip).is_empty(),
+            "no entry outlives its connections"
+        );
+    }
+
+    #[test]
+    fn the_client_address_comes_from_forwarded_for_only_behind_a_trusted_proxy() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 203.0.113.7, 10.1.1.1"),
+        );
+        // From a trusted proxy: the first untrusted hop from the right.
+        assert_eq!(client_ip(ip("10.0.0.5"), &h, &trusted), ip("203.0.113.7"));
+        // From anyone else, the header is the client's own claim: ignored.
+        assert_eq!(
+            client_ip(ip("198.51.100.1"), &h, &trusted),
+            ip("198.51.100.1")
+        );
+        assert_eq!(
+            client_ip(ip("10.0.0.5"), &HeaderMap::new(), &trusted),
+            ip("10.0.0.5")
+        );
     }
 
     fn headers(origin: Option<&str>, host: &str) -> HeaderMap {
@@ -188,6 +301,12 @@ mod tests {
         assert!(!p.allows(&headers(Some("http://localhost:8080"), "localhost:4444")));
         assert!(!p.allows(&headers(Some("https://evil.example"), "chat.local")));
         assert!(!p.allows(&headers(Some("null"), "chat.local")));
+        let mut binary = headers(None, "chat.local");
+        binary.insert(
+            header::ORIGIN,
+            HeaderValue::from_bytes(b"http://chat.local\xff").unwrap(),
+        );
+        assert!(!p.allows(&binary), "a non-UTF-8 Origin must fail closed");
     }
 
     #[test]

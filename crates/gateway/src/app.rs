@@ -14,7 +14,7 @@ use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, extract::ConnectInfo};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
@@ -154,7 +154,8 @@ impl App {
                 }
             }
         };
-        serve(listener, router(state.clone()), drained).await;
+        let header_timeout = state.config.http_header_timeout;
+        serve_with(listener, router(state.clone()), drained, header_timeout).await;
         state.bus.shutdown().await;
         info!("stopped");
         Ok(())
@@ -172,7 +173,10 @@ fn start(config: Config) -> Result<Arc<AppState>, AppError> {
                 instance = %config.instance_id,
                 "no REDIS_URL: running as a single instance on the in-process bus"
             );
-            AnyBus::Memory(MemoryBus::new(config.history_size, events))
+            AnyBus::Memory(match config.room_idle_ttl {
+                Some(ttl) => MemoryBus::with_idle_ttl(config.history_size, events, ttl),
+                None => MemoryBus::new(config.history_size, events),
+            })
         }
         Some(url) => {
             info!(instance = %config.instance_id, redis = ?url, "using Redis");
@@ -185,6 +189,7 @@ fn start(config: Config) -> Result<Arc<AppState>, AppError> {
                 instance_id: config.instance_id.clone(),
                 tls_insecure: config.redis_tls_insecure,
                 tls_ca_file: config.redis_tls_ca_file.clone(),
+                room_idle_ttl: config.room_idle_ttl,
             };
             AnyBus::Redis(RedisBus::connect(&settings, events)?)
         }
@@ -205,11 +210,26 @@ fn start(config: Config) -> Result<Arc<AppState>, AppError> {
     Ok(Arc::new(AppState::new(config, hub, bus, auth)))
 }
 
+/// Accepts HTTP/1.1 connections until `stop` resolves, with the default header timeout
+/// (see [`serve_with`]). Public for the transport's conformance test, which serves its own
+/// router.
+pub async fn serve(listener: TcpListener, router: Router, stop: impl Future<Output = ()>) {
+    serve_with(listener, router, stop, Duration::from_secs(10)).await;
+}
+
 /// Accepts HTTP/1.1 connections until `stop` resolves, then lets the requests in progress
 /// finish (at most [`HTTP_FINISH`]) and closes idle keep-alive connections. Upgraded
-/// connections are not waited for here: they belong to their sessions. Public for the
-/// transport's conformance test, which serves its own router.
-pub async fn serve(mut listener: TcpListener, router: Router, stop: impl Future<Output = ()>) {
+/// connections are not waited for here: they belong to their sessions.
+///
+/// A connection must send complete request headers within `header_timeout` of starting
+/// one — or, idle between keep-alive requests, of the last response — or it is closed
+/// (`HTTP_HEADER_TIMEOUT_SECS`): a slow-loris client cannot hold a socket forever.
+pub async fn serve_with(
+    mut listener: TcpListener,
+    router: Router,
+    stop: impl Future<Output = ()>,
+    header_timeout: Duration,
+) {
     let connections = TaskTracker::new();
     let closing = CancellationToken::new();
     tokio::pin!(stop);
@@ -231,6 +251,8 @@ pub async fn serve(mut listener: TcpListener, router: Router, stop: impl Future<
         let closing = closing.clone();
         connections.spawn(async move {
             let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(tcp), service)
                 .with_upgrades();
             tokio::pin!(connection);

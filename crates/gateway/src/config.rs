@@ -107,7 +107,8 @@ pub struct Config {
     pub rate_limit_per_sec: u32,
     /// Frames a connection may send in a burst (`RATE_LIMIT_BURST`, default 100).
     pub rate_limit_burst: u32,
-    /// WebSocket connections per instance; more get HTTP 503 (`MAX_CONNECTIONS`, default 0 = no limit).
+    /// WebSocket connections per instance; more get HTTP 503 (`MAX_CONNECTIONS`; default:
+    /// the open-file limit less a tenth and 100; 0 = no limit).
     pub max_connections: usize,
     /// Rooms one connection may be in (`MAX_ROOMS_PER_CONNECTION`, default 100).
     pub max_rooms_per_connection: usize,
@@ -428,7 +429,7 @@ impl Config {
             client_queue_bytes,
             rate_limit_per_sec,
             rate_limit_burst,
-            max_connections: raw.max_connections.unwrap_or(0),
+            max_connections: raw.max_connections.unwrap_or_else(default_max_connections),
             max_rooms_per_connection,
             allowed_origins,
             shutdown_drain,
@@ -453,6 +454,18 @@ impl Config {
             trusted_proxies,
             room_idle_ttl,
         })
+    }
+}
+
+/// `MAX_CONNECTIONS` by default: what the open-file limit allows, less a tenth and 100 for
+/// everything else (Redis, HTTP requests, logs); without a readable limit, none.
+fn default_max_connections() -> usize {
+    match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((soft, _)) if soft != rlimit::INFINITY => {
+            let soft = usize::try_from(soft).unwrap_or(usize::MAX);
+            (soft - soft / 10).saturating_sub(100).max(1)
+        }
+        _ => 0,
     }
 }
 

@@ -1,11 +1,11 @@
 //! The HTTP routes: the two WebSocket endpoints (admission, then the upgrade into a
 //! session), the health checks, and the web client's files.
 
-use std::sync::Arc;
+use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
     Extension, Json, Router,
-    extract::{Query, State},
+    extract::{ConnectInfo, Query, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
@@ -14,6 +14,7 @@ use serde_json::json;
 use tracing::{debug, warn};
 
 use crate::{
+    admission::{Refusal, client_ip},
     auth::Principal,
     bus::Bus,
     session::{self, ConnectParams, Endpoint},
@@ -32,7 +33,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .fallback(web::serve)
+        .fallback_service(web::files(state.clone()))
         .with_state(state)
 }
 
@@ -40,6 +41,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// and hands it to a session once upgraded.
 async fn websocket(
     Extension(at): Extension<Endpoint>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     upgrade: Upgrade,
     Query(params): Query<ConnectParams>,
     headers: HeaderMap,
@@ -63,8 +65,19 @@ async fn websocket(
             }
         },
     };
-    let Some(slot) = state.connections.admit() else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
+    let ip = client_ip(peer.ip(), &headers, &state.config.trusted_proxies);
+    let slot = match state.connections.admit(ip) {
+        Ok(slot) => slot,
+        Err(Refusal::Instance) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
+        }
+        Err(Refusal::Address) => {
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many connections from your address",
+            )
+                .into_response();
+        }
     };
     let task = state.tracker.token();
     upgrade.on_upgrade(move |socket| async move {

@@ -50,7 +50,10 @@ impl AppState {
             write_timeout: config.write_timeout,
         };
         AppState {
-            connections: ConnectionLimit::new(config.max_connections),
+            connections: ConnectionLimit::new(
+                config.max_connections,
+                config.max_connections_per_ip,
+            ),
             config,
             transport,
             hub,

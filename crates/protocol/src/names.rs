@@ -15,8 +15,12 @@ pub enum NameError {
     /// Room name outside `^[A-Za-z0-9_-]{1,64}$`.
     #[error("room names are 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'")]
     Room,
-    /// Username empty after trimming, too long, or with control characters.
-    #[error("usernames are 1 to 32 characters after trimming, without control characters")]
+    /// Username empty after trimming, too long, or with control, invisible or
+    /// bidirectional-control characters.
+    #[error(
+        "usernames are 1 to 32 characters after trimming, without control, invisible or \
+         bidirectional-control characters"
+    )]
     Username,
 }
 
@@ -76,17 +80,22 @@ impl<'de> Deserialize<'de> for RoomName {
     }
 }
 
-/// A display name: trimmed, 1 to 32 characters, no control characters.
+/// A display name: NFC-normalised, trimmed, 1 to 32 characters, without control
+/// characters (Cc) or format characters (Cf: invisible ones such as U+200B, and
+/// bidirectional controls such as U+202E), so that one name cannot pass for another.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Username(String);
 
 impl Username {
-    /// Trims and validates `name`.
+    /// Normalises (NFC), trims and validates `name`.
     pub fn new(name: &str) -> Result<Self, NameError> {
-        let name = name.trim();
+        use unicode_normalization::UnicodeNormalization;
+        use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+        let name: String = name.trim().nfc().collect();
         let chars = name.chars().count();
-        if (1..=MAX_USERNAME_CHARS).contains(&chars) && !name.chars().any(char::is_control) {
-            Ok(Username(name.to_owned()))
+        let hidden = |c: char| c.is_control() || c.general_category() == GeneralCategory::Format;
+        if (1..=MAX_USERNAME_CHARS).contains(&chars) && !name.chars().any(hidden) {
+            Ok(Username(name))
         } else {
             Err(NameError::Username)
         }
@@ -135,5 +144,26 @@ mod tests {
         assert_eq!(Username::new("   "), Err(NameError::Username));
         assert_eq!(Username::new("a\u{7}b"), Err(NameError::Username));
         assert_eq!(Username::new("a\nb"), Err(NameError::Username));
+    }
+
+    #[test]
+    fn invisible_and_bidi_characters_are_refused_and_names_are_nfc() {
+        for hidden in [
+            "an\u{200B}n",
+            "\u{202E}nna",
+            "ann\u{2066}",
+            "\u{FEFF}ann",
+            "a\u{00AD}nn",
+        ] {
+            assert_eq!(
+                Username::new(hidden),
+                Err(NameError::Username),
+                "{hidden:?}"
+            );
+        }
+        // "é" as e + combining acute becomes the one precomposed character.
+        let decomposed = Username::new("Rene\u{301}").unwrap();
+        assert_eq!(decomposed.as_str(), "Ren\u{e9}");
+        assert_eq!(decomposed, Username::new("Ren\u{e9}").unwrap());
     }
 }

@@ -7,6 +7,10 @@
 //! queued messages to the [`BusEvents`] handler, in id order, until the queue is empty;
 //! the others leave theirs to it. So no socket is written under a lock, and a room's
 //! messages are never handed over out of order.
+//!
+//! Rooms are forgotten when nobody holds them: a room without messages when its last
+//! local member leaves, and (with `ROOM_IDLE_TTL_SECS`) a room nobody joined or wrote to
+//! for that long. A forgotten room comes back empty, under a new epoch.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -31,6 +35,12 @@ struct RoomLog {
     undelivered: Vec<BusEvent>,
     /// A publisher is handing this room's messages over.
     delivering: bool,
+    /// This instance has members in the room (between subscribe and unsubscribe).
+    subscribed: bool,
+    /// The last publish, history read or subscription.
+    last_used: tokio::time::Instant,
+    /// Forgotten: whoever still holds it must look the room up again.
+    retired: bool,
 }
 
 /// The in-process bus.
@@ -43,6 +53,18 @@ struct Inner {
     rooms: Mutex<HashMap<RoomName, Arc<Mutex<RoomLog>>>>,
     history_size: usize,
     events: Arc<dyn BusEvents>,
+}
+
+impl Inner {
+    /// Forgets the rooms nobody subscribes to and nobody used for `ttl`.
+    fn forget_idle(&self, ttl: std::time::Duration) {
+        lock(&self.rooms).retain(|_, log| {
+            let mut log = lock(log);
+            let keep = log.subscribed || log.last_used.elapsed() < ttl;
+            log.retired |= !keep;
+            keep
+        });
+    }
 }
 
 impl fmt::Debug for MemoryBus {
@@ -71,27 +93,75 @@ impl MemoryBus {
         }
     }
 
-    fn log(&self, room: &RoomName) -> Arc<Mutex<RoomLog>> {
-        lock(&self.inner.rooms)
-            .entry(room.clone())
-            .or_insert_with(|| {
-                Arc::new(Mutex::new(RoomLog {
-                    seq: 0,
-                    epoch: Epoch::from(new_epoch()),
-                    history: VecDeque::new(),
-                    undelivered: Vec::new(),
-                    delivering: false,
-                }))
-            })
-            .clone()
+    /// Like [`MemoryBus::new`], forgetting rooms idle for `ttl` (a task checks every
+    /// tenth of it, at least every hour). Must run inside a tokio runtime.
+    pub fn with_idle_ttl(
+        history_size: usize,
+        events: Arc<dyn BusEvents>,
+        ttl: std::time::Duration,
+    ) -> Self {
+        let bus = Self::new(history_size, events);
+        let inner = Arc::downgrade(&bus.inner);
+        let every = (ttl / 10).clamp(
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(3600),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match inner.upgrade() {
+                    Some(inner) => inner.forget_idle(ttl),
+                    None => return,
+                }
+            }
+        });
+        bus
+    }
+
+    /// Runs `f` on the room's log, creating it if needed (and again if it was forgotten
+    /// meanwhile).
+    fn with_log<T>(
+        &self,
+        room: &RoomName,
+        mut f: impl FnMut(&mut RoomLog) -> T,
+    ) -> (T, Arc<Mutex<RoomLog>>) {
+        loop {
+            let log = lock(&self.inner.rooms)
+                .entry(room.clone())
+                .or_insert_with(|| {
+                    Arc::new(Mutex::new(RoomLog {
+                        seq: 0,
+                        epoch: Epoch::from(new_epoch()),
+                        history: VecDeque::new(),
+                        undelivered: Vec::new(),
+                        delivering: false,
+                        subscribed: false,
+                        last_used: tokio::time::Instant::now(),
+                        retired: false,
+                    }))
+                })
+                .clone();
+            let mut guard = lock(&log);
+            if guard.retired {
+                continue;
+            }
+            guard.last_used = tokio::time::Instant::now();
+            let out = f(&mut guard);
+            drop(guard);
+            return (out, log);
+        }
+    }
+
+    /// Rooms this bus remembers (tests).
+    pub fn room_count(&self) -> usize {
+        lock(&self.inner.rooms).len()
     }
 }
 
 impl Bus for MemoryBus {
     async fn publish(&self, room: &RoomName, message: &MessageTemplate) -> Result<u64, BusError> {
-        let log = self.log(room);
-        let (id, mut batch) = {
-            let mut log = lock(&log);
+        let history_size = self.inner.history_size;
+        let ((id, batch), log) = self.with_log(room, |log| {
             log.seq += 1;
             let id = log.seq;
             let msg = Msg {
@@ -99,7 +169,7 @@ impl Bus for MemoryBus {
                 json: Bytes::from(message.render(id, now_ms())),
             };
             log.history.push_back(msg.clone());
-            while log.history.len() > self.inner.history_size {
+            while log.history.len() > history_size {
                 log.history.pop_front();
             }
             log.undelivered.push(BusEvent::Message {
@@ -108,10 +178,13 @@ impl Bus for MemoryBus {
             });
             if log.delivering {
                 // The current deliverer hands this one over too.
-                return Ok(id);
+                return (id, None);
             }
             log.delivering = true;
-            (id, std::mem::take(&mut log.undelivered))
+            (id, Some(std::mem::take(&mut log.undelivered)))
+        });
+        let Some(mut batch) = batch else {
+            return Ok(id);
         };
         loop {
             self.inner.events.deliver(&mut batch);
@@ -124,24 +197,37 @@ impl Bus for MemoryBus {
         }
     }
 
-    async fn subscribe(&self, _room: &RoomName) -> Result<(), BusError> {
-        // Every publish is reported; the handler ignores rooms it does not serve.
+    async fn subscribe(&self, room: &RoomName) -> Result<(), BusError> {
+        // Every publish is reported; the handler ignores rooms it does not serve. The
+        // room is remembered while this instance has members in it.
+        self.with_log(room, |log| log.subscribed = true);
         Ok(())
     }
 
-    async fn unsubscribe(&self, _room: &RoomName) -> Result<(), BusError> {
+    async fn unsubscribe(&self, room: &RoomName) -> Result<(), BusError> {
+        let mut rooms = lock(&self.inner.rooms);
+        if let Some(log) = rooms.get(room).cloned() {
+            let mut log = lock(&log);
+            log.subscribed = false;
+            // Nobody here and nothing said: nothing worth remembering.
+            if log.seq == 0 {
+                log.retired = true;
+                rooms.remove(room);
+            }
+        }
         Ok(())
     }
 
     async fn history(&self, room: &RoomName, since: Option<u64>) -> Result<History, BusError> {
-        let log = self.log(room);
-        let log = lock(&log);
-        let start = tail_start(log.seq, log.history.len(), since);
-        Ok(History {
-            top: log.seq,
-            epoch: Some(log.epoch.clone()),
-            messages: log.history.iter().skip(start).cloned().collect(),
-        })
+        let (history, _) = self.with_log(room, |log| {
+            let start = tail_start(log.seq, log.history.len(), since);
+            History {
+                top: log.seq,
+                epoch: Some(log.epoch.clone()),
+                messages: log.history.iter().skip(start).cloned().collect(),
+            }
+        });
+        Ok(history)
     }
 
     fn is_ready(&self) -> bool {
@@ -201,6 +287,35 @@ mod tests {
             std::thread::yield_now();
             self.busy.store(false, Ordering::SeqCst);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rooms_nobody_holds_are_forgotten_and_come_back_under_a_new_epoch() {
+        let ttl = std::time::Duration::from_secs(60);
+        let bus = MemoryBus::with_idle_ttl(10, Arc::new(Recorder::default()), ttl);
+        let room = |n: &str| RoomName::new(n).unwrap();
+        // Joined and left without a word: forgotten at once.
+        bus.subscribe(&room("empty")).await.unwrap();
+        bus.history(&room("empty"), None).await.unwrap();
+        bus.unsubscribe(&room("empty")).await.unwrap();
+        assert_eq!(bus.room_count(), 0);
+        // With messages: kept while idle less than the TTL, or while someone is in it.
+        let t = MessageTemplate::new(&room("talk"), "u", "m");
+        bus.publish(&room("talk"), &t).await.unwrap();
+        let before = bus.history(&room("talk"), None).await.unwrap();
+        bus.subscribe(&room("held")).await.unwrap();
+        bus.publish(&room("held"), &t).await.unwrap();
+        tokio::time::sleep(ttl / 2).await;
+        assert_eq!(bus.room_count(), 2);
+        tokio::time::sleep(ttl).await;
+        assert_eq!(
+            bus.room_count(),
+            1,
+            "the idle room is forgotten, the held one is not"
+        );
+        let after = bus.history(&room("talk"), None).await.unwrap();
+        assert_eq!((after.top, after.messages.len()), (0, 0));
+        assert_ne!(after.epoch, before.epoch, "it comes back under a new epoch");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

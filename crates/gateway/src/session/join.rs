@@ -74,7 +74,7 @@ impl Session {
         .await;
         if let Err(err) = registered {
             warn!(%room, error = %err, "join failed");
-            return self.abort_join(&room, err.to_string(), reference).await;
+            return self.abort_join(&room, reference).await;
         }
         let mut since = since;
         let mut recovered = true;
@@ -93,7 +93,7 @@ impl Session {
                 Ok(h) => h,
                 Err(err) => {
                     warn!(%room, error = %err, "history read failed");
-                    return self.abort_join(&room, err.to_string(), reference).await;
+                    return self.abort_join(&room, reference).await;
                 }
             };
             let plan = ReplayPlan::new(since, epoch.as_deref(), history);
@@ -148,12 +148,16 @@ impl Session {
         }
     }
 
-    async fn abort_join(&mut self, room: &RoomName, why: String, reference: Option<String>) {
+    /// Undoes a join the bus could not serve (the detail was logged, not told).
+    async fn abort_join(&mut self, room: &RoomName, reference: Option<String>) {
         self.rooms.retain(|(r, _)| r != room);
         if let Some(release) = self.state.hub.leave(room, self.conn, &self.state.bus) {
             release.await;
         }
-        let err = FrameError::new(ErrorCode::Unavailable, format!("cannot join {room}: {why}"));
+        let err = FrameError::new(
+            ErrorCode::Unavailable,
+            format!("cannot join {room}: the message bus is unavailable, try again"),
+        );
         self.refuse(err.with_ref(reference)).await;
     }
 }

@@ -204,11 +204,14 @@ impl Session {
                 );
                 return self.refuse(err).await;
             }
-            // Pings are answered by the WebSocket layer; a close handshake finishes when
+            // Pings are answered by the WebSocket layer (its pongs are bounded by the
+            // outbox) and count against the rate limit; a close handshake finishes when
             // the stream ends.
-            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {
+            Message::Ping(_) => {
+                let _ = self.rate.allow();
                 return;
             }
+            Message::Pong(_) | Message::Close(_) | Message::Frame(_) => return,
         };
         let limits = Limits {
             max_text_bytes: self.state.config.max_text_bytes,
@@ -342,10 +345,11 @@ impl Session {
                 }
             }
             Err(err) => {
+                // The detail is for the log, not for clients.
                 warn!(%room, error = %err, "publish failed");
                 let err = FrameError::new(
                     ErrorCode::Unavailable,
-                    format!("message not stored, try again: {err}"),
+                    "message not stored: the message bus is unavailable, try again",
                 );
                 self.refuse(err.with_ref(reference)).await;
             }

@@ -38,7 +38,7 @@ use tokio::{
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::protocol::{Role, WebSocketConfig};
 
-pub use outbox::{Bounds, Class, Closed, Outbox, Socket, WRITE_BATCH};
+pub use outbox::{Bounds, CONTROL_CAP, Class, Closed, Outbox, Socket, WRITE_BATCH};
 pub use pending::{PendingWrites, WriteScheduler};
 pub use upgrade::{Upgrade, UpgradeRejection, Upgraded};
 
@@ -62,6 +62,9 @@ pub enum CloseReason {
     Policy,
     /// The connection's token expired without a `refresh`: 4001.
     TokenExpired,
+    /// The client keeps pinging without reading its pongs (more than [`CONTROL_CAP`]
+    /// waiting): 1008.
+    Flood,
     /// The client broke the WebSocket protocol (an unmasked frame, a bad opcode, a
     /// fragmentation error, …): 1002.
     ProtocolError,
@@ -83,6 +86,7 @@ impl CloseReason {
             CloseReason::Restart => (close::RESTART, "server restarting: reconnect"),
             CloseReason::Policy => (close::POLICY, "too many refused frames"),
             CloseReason::TokenExpired => (close::TOKEN_EXPIRED, "token expired"),
+            CloseReason::Flood => (close::POLICY, "too many pings unanswered: read your socket"),
             CloseReason::ProtocolError => (close::PROTOCOL_ERROR, "protocol error"),
             CloseReason::InvalidUtf8 => (close::INVALID_DATA, "text is not UTF-8"),
             CloseReason::PeerClosed | CloseReason::Gone => return None,

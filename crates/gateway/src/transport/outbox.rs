@@ -96,6 +96,10 @@ pub struct Bounds {
 /// Frames the session may have waiting before [`Outbox::push_paced`] waits.
 const PACED_WINDOW: usize = 64;
 
+/// Control frames (mostly pongs the peer asked for) that may wait; a peer that keeps
+/// pinging without reading is closed with 1008 beyond this.
+pub const CONTROL_CAP: usize = 16;
+
 /// Frames written per `writev` at most.
 pub const WRITE_BATCH: usize = 64;
 
@@ -110,6 +114,8 @@ struct State {
     queue: VecDeque<Entry>,
     live: usize,
     live_bytes: usize,
+    /// Control frames queued.
+    control: usize,
     closing: Option<CloseReason>,
     /// The front entry was partly written: it must be finished before anything else.
     front_started: bool,
@@ -119,9 +125,13 @@ struct State {
 
 impl State {
     fn enqueue(&mut self, frame: Bytes, class: Class) {
-        if class == Class::Live {
-            self.live += 1;
-            self.live_bytes += frame.len();
+        match class {
+            Class::Live => {
+                self.live += 1;
+                self.live_bytes += frame.len();
+            }
+            Class::Control => self.control += 1,
+            Class::Reply => {}
         }
         self.queue.push_back(Entry { frame, class });
     }
@@ -140,8 +150,10 @@ impl State {
                 self.live_bytes -= taken;
             }
             if taken == len {
-                if front.class == Class::Live {
-                    self.live -= 1;
+                match front.class {
+                    Class::Live => self.live -= 1,
+                    Class::Control => self.control -= 1,
+                    Class::Reply => {}
                 }
                 self.queue.pop_front();
                 self.front_started = false;
@@ -170,6 +182,7 @@ impl State {
         for e in &mut self.queue {
             e.class = Class::Control;
         }
+        self.control = self.queue.len();
     }
 }
 
@@ -225,6 +238,10 @@ impl Outbox {
                     || st.live_bytes + frame.len() > self.bounds.live_bytes =>
             {
                 self.start_closing(st, CloseReason::TooSlow);
+                return Err(Closed);
+            }
+            (None, Class::Control) if st.control >= CONTROL_CAP => {
+                self.start_closing(st, CloseReason::Flood);
                 return Err(Closed);
             }
             (None, _) => {}
@@ -546,6 +563,25 @@ pub(crate) mod tests {
         assert_eq!(s.take_bytes(), b"close-replylate-pong");
         o.close(CloseReason::Gone);
         assert_eq!(o.closing(), Some(CloseReason::PeerClosed));
+    }
+
+    #[test]
+    fn a_peer_that_makes_us_owe_too_many_pongs_is_closed_with_1008() {
+        let s = CaptureSocket::full();
+        let o = outbox(&s, 10, 1 << 20);
+        for _ in 0..CONTROL_CAP {
+            o.push(f("pong"), Class::Control).unwrap();
+        }
+        assert_eq!(o.push(f("pong"), Class::Control), Err(Closed));
+        assert_eq!(o.closing(), Some(CloseReason::Flood));
+        // A peer that reads frees its place.
+        let s = CaptureSocket::unbounded();
+        let o = outbox(&s, 10, 1 << 20);
+        for _ in 0..CONTROL_CAP * 3 {
+            o.push(f("pong"), Class::Control).unwrap();
+            o.write_or_defer();
+        }
+        assert_eq!(o.closing(), None);
     }
 
     #[test]

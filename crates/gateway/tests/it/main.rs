@@ -3,6 +3,7 @@
 #![allow(missing_debug_implementations)]
 //! `redis-server` per Redis-backed test (see `chat-testkit`).
 
+mod abuse;
 mod auth;
 mod cluster;
 mod fuzz;

@@ -111,6 +111,8 @@ pub struct RedisSettings {
     pub tls_insecure: bool,
     /// `rediss://` verified against this CA (PEM) instead of the system roots.
     pub tls_ca_file: Option<String>,
+    /// Rooms idle this long expire as a whole (`None`: never).
+    pub room_idle_ttl: Option<Duration>,
 }
 
 impl RedisBus {
@@ -182,6 +184,7 @@ impl RedisBus {
                     settings.history_size,
                     sharded,
                     settings.timeout,
+                    settings.room_idle_ttl,
                 ),
                 keys,
                 timeout: settings.timeout,

@@ -16,7 +16,8 @@ use fred::{
 use crate::bus::{BusError, Epoch, EpochNotice, History, Msg, keys::Keys, new_epoch};
 
 /// KEYS: seq, history, epoch. ARGV: channel, message head, middle, tail, history size,
-/// publish command, epoch candidate, epoch notice head, notice tail.
+/// publish command, epoch candidate, epoch notice head, notice tail, idle TTL (seconds,
+/// 0 = none).
 ///
 /// A counter that starts at 1 (a new room, or one whose data was lost) drops stale
 /// history, makes sure the room has an epoch (a join may have created it already) and
@@ -35,20 +36,27 @@ local ts = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
 local msg = ARGV[2] .. id .. ARGV[3] .. ts .. ARGV[4]
 redis.call('RPUSH', KEYS[2], msg)
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
+if ARGV[10] ~= '0' then
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[10]) end
+end
 redis.call(ARGV[6], ARGV[1], msg)
 return id
 ";
 
-/// KEYS: seq, history, epoch. ARGV: since (-1 for none), epoch candidate. Returns {top,
-/// epoch, entries}: the entries after `since` when all of them are retained, else every
-/// retained entry. Creates the room's epoch if it has none, so that `joined` always
-/// carries one.
+/// KEYS: seq, history, epoch. ARGV: since (-1 for none), epoch candidate, idle TTL
+/// (seconds, 0 = none). Returns {top, epoch, entries}: the entries after `since` when all
+/// of them are retained, else every retained entry. Creates the room's epoch if it has
+/// none, so that `joined` always carries one; a read (a join) keeps the room alive as a
+/// publish does.
 const HISTORY_LUA: &str = r"
 local top = tonumber(redis.call('GET', KEYS[1]) or '0')
 local epoch = redis.call('GET', KEYS[3])
 if not epoch then
   epoch = ARGV[2]
   redis.call('SET', KEYS[3], epoch)
+end
+if ARGV[3] ~= '0' then
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
 end
 local since = tonumber(ARGV[1])
 local n = redis.call('LLEN', KEYS[2])
@@ -72,10 +80,18 @@ pub(super) struct Scripts {
     publish_command: &'static str,
     /// Longest wait for one script call, as a backstop to fred's own command timeout.
     backstop: Duration,
+    /// `ROOM_IDLE_TTL_SECS` (`"0"`: rooms never expire).
+    idle_ttl: String,
 }
 
 impl Scripts {
-    pub(super) fn new(keys: Keys, history_size: usize, sharded: bool, timeout: Duration) -> Self {
+    pub(super) fn new(
+        keys: Keys,
+        history_size: usize,
+        sharded: bool,
+        timeout: Duration,
+        idle_ttl: Option<Duration>,
+    ) -> Self {
         Scripts {
             publish: Script::from_lua(PUBLISH_LUA),
             history: Script::from_lua(HISTORY_LUA),
@@ -83,6 +99,7 @@ impl Scripts {
             history_size: history_size.to_string(),
             publish_command: if sharded { "SPUBLISH" } else { "PUBLISH" },
             backstop: timeout * 4,
+            idle_ttl: idle_ttl.map_or(0, |t| t.as_secs().max(1)).to_string(),
         }
     }
 
@@ -104,6 +121,7 @@ impl Scripts {
             new_epoch(),
             EpochNotice::head(room),
             EpochNotice::TAIL.to_owned(),
+            self.idle_ttl.clone(),
         ];
         self.evalsha(client, &self.publish, self.room_keys(room), args)
             .await
@@ -122,7 +140,7 @@ impl Scripts {
                 client,
                 &self.history,
                 self.room_keys(room),
-                vec![since, new_epoch()],
+                vec![since, new_epoch(), self.idle_ttl.clone()],
             )
             .await?;
         parse_history(reply)
