@@ -130,6 +130,10 @@ struct Common {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Authenticate: spawned gateways get AUTH_JWT_SECRET=SECRET, and every connection
+    /// presents an HS256 token signed with it (at least 32 bytes).
+    #[arg(long)]
+    auth_secret: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -163,6 +167,28 @@ struct Setup {
 }
 
 async fn setup(common: &Common) -> anyhow::Result<Setup> {
+    let mut setup = setup_servers(common).await?;
+    if let Some(secret) = &common.auth_secret {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let claims = chat_gateway::auth::NewToken {
+            sub: "bench",
+            name: None,
+            rooms: None,
+            iat: now,
+            exp: now + 24 * 3600,
+        };
+        let token = chat_gateway::auth::sign_hs256(secret, &claims)?;
+        for target in &mut setup.targets {
+            target.token = Some(token.clone());
+        }
+        setup.description.push_str("; authenticated (HS256 tokens)");
+    }
+    Ok(setup)
+}
+
+async fn setup_servers(common: &Common) -> anyhow::Result<Setup> {
     let fd_limit = sys::raise_fd_limit();
     if let Some(n) = common.spawn {
         let bin = match &common.gateway_bin {
@@ -172,7 +198,7 @@ async fn setup(common: &Common) -> anyhow::Result<Setup> {
                 .to_string_lossy()
                 .into_owned(),
         };
-        let env = common
+        let mut env = common
             .envs
             .iter()
             .map(|kv| {
@@ -181,6 +207,9 @@ async fn setup(common: &Common) -> anyhow::Result<Setup> {
                     .with_context(|| format!("--env {kv}: expected KEY=VALUE"))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        if let Some(secret) = &common.auth_secret {
+            env.push(("AUTH_JWT_SECRET".to_owned(), secret.clone()));
+        }
         if common.embedded && n != 1 {
             bail!("--embedded runs exactly one gateway");
         }

@@ -23,6 +23,9 @@ pub struct Target {
     pub host: String,
     /// Path and query.
     pub path: String,
+    /// A token to connect with (`--auth-secret`), added to every path's query.
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 impl Target {
@@ -38,13 +41,18 @@ impl Target {
             addr,
             host: hostport.to_owned(),
             path: format!("/{path}"),
+            token: None,
         })
     }
 
-    /// The same server with another path and query.
+    /// The same server with another path and query (plus the token, if any).
     pub fn with_path(&self, path: &str) -> Target {
+        let path = match &self.token {
+            Some(token) => format!("{path}&token={token}"),
+            None => path.to_owned(),
+        };
         Target {
-            path: path.to_owned(),
+            path,
             ..self.clone()
         }
     }
