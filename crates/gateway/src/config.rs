@@ -568,6 +568,19 @@ mod tests {
     }
 
     #[test]
+    fn max_connections_defaults_to_what_the_open_file_limit_allows() {
+        let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
+        let max = cfg(&[]).unwrap().max_connections;
+        if soft == rlimit::INFINITY {
+            assert_eq!(max, 0);
+        } else {
+            let soft = usize::try_from(soft).unwrap();
+            assert!(max > 0 && max < soft, "{max} of {soft}");
+        }
+        assert_eq!(cfg(&[("MAX_CONNECTIONS", "0")]).unwrap().max_connections, 0);
+    }
+
+    #[test]
     fn instance_id_falls_back_to_dyno() {
         assert_eq!(cfg(&[("DYNO", "web.3")]).unwrap().instance_id, "web.3");
         assert_eq!(
