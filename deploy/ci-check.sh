@@ -30,15 +30,20 @@ root="$(pwd)"
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 passed=0; failed=0; failures=()
 step() { echo; echo "== deploy-check: $*"; }
-# run_check NAME COMMAND…: runs it, records the outcome, never stops the script.
+# run_check NAME COMMAND…: runs it and records the outcome (the exit status at the end
+# is non-zero if any check failed); never stops the script. Returns the check's own
+# status, so that a later step can depend on an earlier one (`if run_check …`).
 run_check() {
   local name="$1"; shift
   echo "-- $name"
-  if "$@"; then
+  local rc=0
+  "$@" || rc=$?
+  if [ "$rc" -eq 0 ]; then
     passed=$((passed + 1)); echo "   PASS $name"
   else
-    failed=$((failed + 1)); failures+=("$name"); echo "   FAIL $name"
+    failed=$((failed + 1)); failures+=("$name"); echo "   FAIL $name (exit $rc)"
   fi
+  return "$rc"
 }
 
 tmp="$(mktemp -d /tmp/deploy-check.XXXXXX)"
@@ -220,4 +225,6 @@ if [ "$failed" -gt 0 ]; then
   echo "deploy-check: FAILED:"; printf "  - %s\n" "${failures[@]}"
 fi
 echo "deploy: $passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+if [ "$failed" -ne 0 ] || [ "$passed" -eq 0 ]; then
+  exit 1
+fi

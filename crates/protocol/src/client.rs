@@ -83,6 +83,15 @@ struct Raw {
 
 /// Parses and validates one text frame.
 pub fn parse_client_frame(input: &str, limits: Limits) -> Result<ClientFrame, FrameError> {
+    // Only a JSON object is a frame: serde's derive would also read an array as the
+    // positional form of the field list.
+    if !input.trim_start().starts_with('{') {
+        let message = match serde_json::from_str::<serde_json::Value>(input) {
+            Ok(_) => "a frame is a JSON object".to_owned(),
+            Err(err) => format!("not valid JSON: {err}"),
+        };
+        return Err(FrameError::new(ErrorCode::BadRequest, message));
+    }
     let raw: Raw = serde_json::from_str(input).map_err(|err| {
         let message = if err.is_syntax() || err.is_eof() {
             format!("not valid JSON: {err}")

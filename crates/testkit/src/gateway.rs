@@ -20,6 +20,16 @@ impl TestGateway {
     /// Starts a gateway configured by `vars` (environment-style names; `PORT` is ignored)
     /// and waits until its bus is connected.
     pub async fn start(vars: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::launch(vars, true).await
+    }
+
+    /// Starts a gateway like [`TestGateway::start`] without waiting for its bus: for
+    /// tests of a Redis that is down, or that it cannot (or must not) reach.
+    pub async fn start_unready(vars: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::launch(vars, false).await
+    }
+
+    async fn launch(vars: &[(&str, &str)], wait_ready: bool) -> anyhow::Result<Self> {
         init_logging();
         let config = Config::from_vars(
             vars.iter()
@@ -28,9 +38,11 @@ impl TestGateway {
         )?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let app = App::with_listener(config, listener)?;
-        tokio::time::timeout(WAIT, app.wait_ready())
-            .await
-            .map_err(|_| anyhow::anyhow!("gateway's bus did not connect"))?;
+        if wait_ready {
+            tokio::time::timeout(WAIT, app.wait_ready())
+                .await
+                .map_err(|_| anyhow::anyhow!("gateway's bus did not connect"))?;
+        }
         let addr = app.local_addr()?;
         let state = app.state().clone();
         let shutdown = CancellationToken::new();

@@ -195,15 +195,18 @@ impl Session {
             self.outbox.close(CloseReason::TooBig);
             return;
         }
-        let text = match message {
-            Message::Text(text) => text,
-            Message::Binary(_) => {
-                let err = FrameError::new(
-                    ErrorCode::BadRequest,
-                    "binary frames are not supported: send JSON text frames",
-                );
-                return self.refuse(err).await;
-            }
+        let frame = match message {
+            Message::Text(text) => parse_client_frame(
+                text.as_str(),
+                Limits {
+                    max_text_bytes: self.state.config.max_text_bytes,
+                },
+            ),
+            // Refused like any bad frame: rate-limited, and counted toward 1008.
+            Message::Binary(_) => Err(FrameError::new(
+                ErrorCode::BadRequest,
+                "binary frames are not supported: send JSON text frames",
+            )),
             // Pings are answered by the WebSocket layer (its pongs are bounded by the
             // outbox) and count against the rate limit; a close handshake finishes when
             // the stream ends.
@@ -213,10 +216,6 @@ impl Session {
             }
             Message::Pong(_) | Message::Close(_) | Message::Frame(_) => return,
         };
-        let limits = Limits {
-            max_text_bytes: self.state.config.max_text_bytes,
-        };
-        let frame = parse_client_frame(text.as_str(), limits);
         if !self.rate.allow() {
             // A burst (a paste, a client re-sending after a reconnect) is not garbage: a
             // rate-limited frame neither counts toward BAD_FRAME_LIMIT nor resets it.

@@ -3,6 +3,7 @@
 use chat_protocol::{ErrorCode, ServerFrame, close};
 use chat_testkit::WsClient;
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::{Env, connect, eventually};
 
@@ -39,26 +40,61 @@ async fn a_connection_over_its_rate_is_told_rate_limited_with_its_ref() -> anyho
     Ok(())
 }
 
+/// Sends a frame the server refuses and reads its `error` (proof that the connection is
+/// still open).
+async fn refused(c: &mut WsClient, i: usize) -> anyhow::Result<()> {
+    // Refusals of every kind count: not JSON, an unknown type, a bad room, not joined, an
+    // empty text, an invalid username. (Binary frames should too: see
+    // `binary_frames_count_toward_1008`.)
+    let frame = match i % 6 {
+        0 => "this is not json".to_string(),
+        1 => json!({"type": "dance"}).to_string(),
+        2 => json!({"type": "join", "room": "a b"}).to_string(),
+        3 => json!({"type": "send", "room": "elsewhere", "text": "x"}).to_string(),
+        4 => json!({"type": "send", "room": "general", "text": ""}).to_string(),
+        _ => json!({"type": "send", "room": "general", "text": "x", "username": " "}).to_string(),
+    };
+    c.send_text(frame).await?;
+    let (code, _) = c.recv_error().await?;
+    anyhow::ensure!(
+        !matches!(code, ErrorCode::RateLimited | ErrorCode::Unavailable),
+        "frame {i} was answered {code}, which does not count"
+    );
+    Ok(())
+}
+
+/// docs/protocol.md: 1008 after 10 refused frames in a row (the documented number,
+/// literally).
 #[tokio::test]
 async fn garbage_only_connections_are_closed_with_1008() -> anyhow::Result<()> {
     let env = Env::memory().await?;
     let gw = env.gateway(&[]).await?;
     let (mut c, _) = connect(&gw, "", "general").await?;
-    for _ in 0..chat_gateway::session::BAD_FRAME_LIMIT {
-        c.send_text("this is not json").await?;
+    // Nine refused frames in a row: each is answered, the connection stays open...
+    for i in 0..9 {
+        refused(&mut c, i).await?;
     }
+    // ...and a valid frame is served and starts the count again,
+    c.say("general", "fine", Some("ok")).await?;
+    loop {
+        match c.recv().await? {
+            ServerFrame::Ack { reference, .. } if reference == "ok" => break,
+            ServerFrame::Message(_) => {}
+            other => anyhow::bail!("unexpected {other:?}"),
+        }
+    }
+    // so nine more are answered too (without the reset the first would be the tenth)...
+    for i in 0..9 {
+        refused(&mut c, i + 3).await?;
+    }
+    // ...and the tenth in a row closes the connection with 1008.
+    c.send_text("this is not json").await?;
     assert_eq!(c.closed().await?, Some(close::POLICY));
+
     // A connection that makes mistakes but also valid requests is not closed.
     let (mut d, _) = connect(&gw, "", "general").await?;
-    for i in 0..(3 * chat_gateway::session::BAD_FRAME_LIMIT) {
-        d.send_text("oops").await?;
-        assert!(matches!(
-            d.recv().await?,
-            ServerFrame::Error {
-                code: ErrorCode::BadRequest,
-                ..
-            }
-        ));
+    for i in 0..30 {
+        refused(&mut d, i).await?;
         if i % 5 == 4 {
             d.say("general", "fine", Some("ok")).await?;
             loop {
@@ -68,6 +104,26 @@ async fn garbage_only_connections_are_closed_with_1008() -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// docs/protocol.md lists "a binary frame" under `bad_request`, and 1008 closes after 10
+/// refused frames in a row; a binary frame is answered `bad_request`, but the session
+/// refuses it before the code that counts refusals (`Session::on_message` returns early),
+/// so a client sending only binary frames is never closed.
+#[tokio::test]
+async fn binary_frames_count_toward_1008() -> anyhow::Result<()> {
+    let env = Env::memory().await?;
+    let gw = env.gateway(&[]).await?;
+    let (mut c, _) = connect(&gw, "", "general").await?;
+    for _ in 0..9 {
+        c.send_message(Message::Binary(vec![1, 2, 3].into()))
+            .await?;
+        assert_eq!(c.recv_error().await?.0, ErrorCode::BadRequest);
+    }
+    c.send_message(Message::Binary(vec![1, 2, 3].into()))
+        .await?;
+    assert_eq!(c.closed().await?, Some(close::POLICY));
     Ok(())
 }
 

@@ -11,6 +11,7 @@ mod lifecycle;
 mod limits;
 mod multi;
 mod process;
+mod promises;
 mod reliability;
 mod single;
 

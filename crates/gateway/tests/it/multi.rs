@@ -276,52 +276,126 @@ async fn readyz_follows_redis_and_sends_are_refused_while_it_is_down() -> anyhow
     Ok(())
 }
 
+/// Publishes `n` messages from `publisher` (at most 16 in flight) and waits for their
+/// acks; returns the acknowledged ids. The publisher's own copies are skipped.
+async fn publish(publisher: &mut WsClient, room: &str, n: u64) -> anyhow::Result<Vec<u64>> {
+    let mut acked = Vec::new();
+    let mut sent = 0;
+    while (acked.len() as u64) < n {
+        while sent < n && sent < acked.len() as u64 + 16 {
+            sent += 1;
+            publisher
+                .say(room, &format!("m{sent}"), Some(&sent.to_string()))
+                .await?;
+        }
+        match publisher.recv().await? {
+            ServerFrame::Ack { id, .. } => acked.push(id),
+            ServerFrame::Message(_) => {}
+            other => bail!("publisher got {other:?}"),
+        }
+    }
+    Ok(acked)
+}
+
+/// Waits until every gateway in `gws` reports ready.
+async fn all_ready(gws: &[&TestGateway]) -> anyhow::Result<()> {
+    for gw in gws {
+        eventually("ready", || async {
+            gw.get_status("/readyz").await.ok() == Some(200)
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// How many times a test may try to publish inside an outage it caused before the
+/// gateways have recovered from it (a reconnect takes at least fred's 100 ms back-off;
+/// three acknowledged sends take a few milliseconds).
+const OUTAGE_ATTEMPTS: usize = 20;
+
+/// CLIENT KILL TYPE pubsub on every data node: both instances' subscriber connections.
+async fn kill_subscribers(topo: &Topology) -> anyhow::Result<()> {
+    let kill = vec!["KILL".into(), "TYPE".into(), "pubsub".into()];
+    let killed = on_every_node(topo, "CLIENT", kill).await?;
+    ensure!(
+        killed >= 2,
+        "expected both subscribers killed, got {killed}"
+    );
+    Ok(())
+}
+
 async fn killed_pubsub_connections_are_backfilled_from_history(
     topo: Topology,
 ) -> anyhow::Result<()> {
-    const N: u64 = 400;
     let (gw_a, gw_b) = two_on(&topo.url()).await?;
     let (mut on_b, _) = connect(&gw_b, "?room=bf", "bf").await?;
     let (mut on_a, _) = connect(&gw_a, "?room=bf", "bf").await?;
     let (mut publisher, _) = connect(&gw_a, "?room=bf&username=p", "bf").await?;
-    // At most 16 sends in flight; the publisher's own copies of messages are skipped.
-    let mut kills = 0;
-    let mut acked = 0;
-    for i in 1..=N {
-        publisher
-            .say("bf", &format!("m{i}"), Some(&i.to_string()))
-            .await?;
-        while i >= acked + 16 || (i == N && acked < N) {
+    let (mut seen_a, mut seen_b) = (Vec::new(), Vec::new());
+    let mut last = 0;
+    for _round in 0..2 {
+        all_ready(&[&gw_a, &gw_b]).await?;
+        // Mid-stream, with sends in flight, cut every subscriber connection (both
+        // instances'): what they miss comes back when a later message reveals the gap, or
+        // after the resubscription.
+        let (mut sent, mut acked) = (0, 0);
+        while acked < 100 {
+            while sent < 100 && sent < acked + 16 {
+                sent += 1;
+                publisher
+                    .say("bf", &format!("s{sent}"), Some(&sent.to_string()))
+                    .await?;
+            }
             match publisher.recv().await? {
                 ServerFrame::Ack { id, .. } => {
                     acked += 1;
-                    // Twice mid-stream, cut every subscriber connection (both instances').
-                    if id == N / 3 || id == 2 * N / 3 {
-                        for gw in [&gw_a, &gw_b] {
-                            eventually("resubscribed", || async {
-                                gw.get_status("/readyz").await.ok() == Some(200)
-                            })
-                            .await?;
-                        }
-                        let kill = vec!["KILL".into(), "TYPE".into(), "pubsub".into()];
-                        let killed = on_every_node(&topo, "CLIENT", kill).await?;
-                        ensure!(
-                            killed >= 2,
-                            "expected both subscribers killed, got {killed}"
-                        );
-                        kills += 1;
+                    last = id;
+                    if acked == 50 {
+                        kill_subscribers(&topo).await?;
                     }
                 }
                 ServerFrame::Message(_) => {}
                 other => bail!("publisher got {other:?}"),
             }
         }
+        all_ready(&[&gw_a, &gw_b]).await?;
+        // Then cut them again and publish while they are down, with nothing after.
+        // PUBSUB NUMSUB still 0 *after* the acks proves that no instance was subscribed to
+        // the room when any of them was published (a subscription that is gone only comes
+        // back; nothing else kills it): none was delivered live. If an instance
+        // resubscribed first, this is tried again.
+        let mut attempts = 0;
+        let missed = loop {
+            attempts += 1;
+            kill_subscribers(&topo).await?;
+            let ids = publish(&mut publisher, "bf", 3).await?;
+            if numsub(&topo, "chat:{bf}").await? == 0 {
+                break ids;
+            }
+            ensure!(
+                attempts < OUTAGE_ATTEMPTS,
+                "the instances always resubscribed before three messages were published"
+            );
+            all_ready(&[&gw_a, &gw_b]).await?;
+        };
+        last = missed.last().copied().unwrap_or(last);
+        // Nothing more is published until they arrive, so no later message can reveal the
+        // gap: the missed ids can only come from the repair that follows the resubscription
+        // (read from history). Without that repair this waits in vain and fails.
+        seen_a.extend(collect_ids(&mut on_a, last).await?);
+        seen_b.extend(collect_ids(&mut on_b, last).await?);
     }
-    assert_eq!(kills, 2);
-    for (name, client) in [("on_b", &mut on_b), ("on_a", &mut on_a)] {
-        let ids = collect_ids(client, N).await?;
-        ensure!(ids == (1..=N).collect::<Vec<_>>(), "{name} saw {ids:?}");
-    }
+    // And live delivery goes on afterwards.
+    last = publish(&mut publisher, "bf", 50)
+        .await?
+        .last()
+        .copied()
+        .unwrap_or(last);
+    seen_a.extend(collect_ids(&mut on_a, last).await?);
+    seen_b.extend(collect_ids(&mut on_b, last).await?);
+    let want: Vec<u64> = (1..=last).collect();
+    ensure!(seen_a == want, "on_a saw {seen_a:?}");
+    ensure!(seen_b == want, "on_b saw {seen_b:?}");
     Ok(())
 }
 
@@ -455,10 +529,26 @@ async fn a_room_reset_is_never_mistaken_for_being_up_to_date() -> anyhow::Result
     Ok(())
 }
 
+/// The ids of the connections in pub/sub mode (CLIENT LIST; ids only ever grow, so a
+/// connection opened later has an id not in an earlier list).
+async fn pubsub_connections(admin: &Client) -> anyhow::Result<Vec<u64>> {
+    let list: String = admin
+        .custom(
+            fred::types::CustomCommand::new_static("CLIENT", None, false),
+            vec!["LIST", "TYPE", "pubsub"],
+        )
+        .await?;
+    Ok(list
+        .split_whitespace()
+        .filter_map(|field| field.strip_prefix("id="))
+        .filter_map(|id| id.parse().ok())
+        .collect())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_subscription_is_detected_by_the_probe_and_backfilled() -> anyhow::Result<()> {
-    const N: u64 = 300;
     let redis = RedisServer::start().await?;
+    let admin = redis.client().await?;
     let proxy = chat_testkit::RedisProxy::start(redis.port()).await?;
     let vars = |id| {
         [
@@ -471,39 +561,53 @@ async fn a_silent_subscription_is_detected_by_the_probe_and_backfilled() -> anyh
     let gw_b = TestGateway::with_redis(&proxy.url(), &vars("gw-b")).await?;
     let (mut on_b, _) = connect(&gw_b, "?room=quiet", "quiet").await?;
     let (mut publisher, _) = connect(&gw_a, "?room=quiet", "quiet").await?;
-    let mut acked = 0;
-    for i in 1..=N {
-        publisher
-            .say("quiet", &format!("m{i}"), Some(&i.to_string()))
-            .await?;
-        while i >= acked + 8 || (i == N && acked < N) {
-            match publisher.recv().await? {
-                ServerFrame::Ack { id, .. } => {
-                    acked += 1;
-                    if id == N / 3 {
-                        // Both subscriber connections stay open but deliver nothing more.
-                        ensure!(proxy.silence_subscribers() >= 2, "subscribers not found");
-                        for gw in [&gw_a, &gw_b] {
-                            eventually("not ready", || async {
-                                gw.get_status("/readyz").await.ok() == Some(503)
-                            })
-                            .await?;
-                        }
-                        for gw in [&gw_a, &gw_b] {
-                            eventually("ready again", || async {
-                                gw.get_status("/readyz").await.ok() == Some(200)
-                            })
-                            .await?;
-                        }
-                    }
-                }
-                ServerFrame::Message(_) => {}
-                other => bail!("publisher got {other:?}"),
-            }
+    let mut last = publish(&mut publisher, "quiet", 100)
+        .await?
+        .last()
+        .copied()
+        .unwrap_or(0);
+    let mut seen = collect_ids(&mut on_b, last).await?;
+    // Both subscriber connections stay open but deliver nothing more; then three messages
+    // are published. If no subscriber connection was opened since the silence (CLIENT
+    // LIST after the acks), every subscriber of the room was a silenced one when they were
+    // published: none was delivered live. (The probe notices within about two intervals;
+    // if it was faster than the publisher, the round is tried again.)
+    let mut attempts = 0;
+    let missed = loop {
+        attempts += 1;
+        let before = pubsub_connections(&admin).await?;
+        ensure!(proxy.silence_subscribers() >= 2, "subscribers not found");
+        let ids = publish(&mut publisher, "quiet", 3).await?;
+        let after = pubsub_connections(&admin).await?;
+        if after.iter().all(|id| before.contains(id)) {
+            break ids;
         }
-    }
-    let ids = collect_ids(&mut on_b, N).await?;
-    ensure!(ids == (1..=N).collect::<Vec<_>>(), "on_b saw {ids:?}");
+        ensure!(
+            attempts < OUTAGE_ATTEMPTS,
+            "the probe always reconnected before three messages were published"
+        );
+        all_ready(&[&gw_a, &gw_b]).await?;
+    };
+    last = missed.last().copied().unwrap_or(last);
+    // Each instance reports not ready while it reconnects (watched at once: the two
+    // probes' moments are independent), then ready again.
+    futures_util::future::try_join_all([&gw_a, &gw_b].map(|gw| {
+        eventually("not ready", move || async move {
+            gw.get_status("/readyz").await.ok() == Some(503)
+        })
+    }))
+    .await?;
+    all_ready(&[&gw_a, &gw_b]).await?;
+    // Nothing more is published until they arrive: the missed ids can only come from the
+    // repair after the probe's reconnect (from history). Without it this fails.
+    seen.extend(collect_ids(&mut on_b, last).await?);
+    last = publish(&mut publisher, "quiet", 100)
+        .await?
+        .last()
+        .copied()
+        .unwrap_or(last);
+    seen.extend(collect_ids(&mut on_b, last).await?);
+    ensure!(seen == (1..=last).collect::<Vec<_>>(), "on_b saw {seen:?}");
     Ok(())
 }
 
@@ -512,13 +616,11 @@ async fn rediss_with_a_private_ca_or_the_heroku_opt_in() -> anyhow::Result<()> {
     let (redis, ca) = RedisServer::start_tls().await?;
     let url = redis.url();
     assert!(url.starts_with("rediss://"));
-    // By default the certificate is verified against the system roots, which do not
-    // know this CA: the connection is refused.
-    let plain = Builder::from_config(Config::from_url(&url)?).build()?;
-    assert!(
-        plain.init().await.is_err(),
-        "an unknown CA must not be trusted by default"
-    );
+    // By default the certificate is verified against the system roots, which do not know
+    // this CA: a gateway with neither REDIS_TLS_CA_FILE nor REDIS_TLS_INSECURE never
+    // connects. It starts first, so it has had longer than the two below to connect by the
+    // time it is checked.
+    let untrusting = TestGateway::start_unready(&[("REDIS_URL", &url)]).await?;
     let ca = ca.to_string_lossy().into_owned();
     let verified = TestGateway::with_redis(&url, &[("REDIS_TLS_CA_FILE", &ca)]).await?;
     let insecure = TestGateway::with_redis(&url, &[("REDIS_TLS_INSECURE", "true")]).await?;
@@ -527,5 +629,29 @@ async fn rediss_with_a_private_ca_or_the_heroku_opt_in() -> anyhow::Result<()> {
     a.say("tls", "over TLS", None).await?;
     assert_eq!(a.recv_message().await?.text, "over TLS");
     assert_eq!(b.recv_message().await?.id, 1);
+
+    assert_eq!(
+        untrusting.get_status("/readyz").await?,
+        503,
+        "an unknown CA must not be trusted by default"
+    );
+    // Its clients are told: the automatic join and a `join` frame are answered
+    // `unavailable`, and the connection is in no room.
+    let (mut c, _) = WsClient::connect_ws(&untrusting.ws_url("/ws?room=tls")).await?;
+    assert_eq!(c.recv_error().await?.0, ErrorCode::Unavailable);
+    c.send_json(json!({"type": "join", "room": "tls", "ref": "j"}))
+        .await?;
+    let (code, reference) = c.recv_error().await?;
+    assert_eq!(
+        (code, reference.as_deref()),
+        (ErrorCode::Unavailable, Some("j"))
+    );
+    c.say("tls", "lost", Some("s")).await?;
+    let (code, reference) = c.recv_error().await?;
+    assert_eq!(
+        (code, reference.as_deref()),
+        (ErrorCode::NotJoined, Some("s"))
+    );
+    assert_eq!(untrusting.get_status("/readyz").await?, 503);
     Ok(())
 }
