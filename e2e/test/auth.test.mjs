@@ -10,19 +10,10 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import { chromium } from 'playwright-core';
+import { exactly, startStackAndBrowser } from '../lib/fixture.mjs';
 import { signHs256, nowSecs } from '../lib/jwt.mjs';
-import { Stack, artifactsDir } from '../lib/stack.mjs';
+import { artifactsDir } from '../lib/stack.mjs';
 
-const CHROMIUM = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
-const LAUNCH_ARGS = [
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-  '--no-first-run',
-];
 const ROOM = 'signed';
 const SECRET = crypto.randomBytes(32).toString('hex');
 
@@ -37,13 +28,7 @@ let alice;
 let bob;
 
 before(async () => {
-  fs.mkdirSync(artifactsDir, { recursive: true });
-  stack = new Stack({ name: 'auth', gatewayEnv: { AUTH_JWT_SECRET: SECRET, AUTH_ANONYMOUS: 'read' } });
-  await stack.startRedis();
-  await stack.startGateway('gateway-1');
-  await stack.startGateway('gateway-2');
-  await stack.startNginx();
-  browser = await chromium.launch({ executablePath: CHROMIUM, args: LAUNCH_ARGS, headless: true });
+  ({ stack, browser } = await startStackAndBrowser({ name: 'auth', gatewayEnv: { AUTH_JWT_SECRET: SECRET, AUTH_ANONYMOUS: 'read' } }));
 });
 
 after(async () => {
@@ -53,8 +38,6 @@ after(async () => {
 
 // ---- helpers --------------------------------------------------------------------------------
 
-const escapeRe = (s) => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
-const exactly = (s) => new RegExp(`^${escapeRe(s)}$`);
 
 /** A token for `sub` signed with the gateways' secret; `ttl` seconds from `iat`. */
 function mint(sub, name, { ttl = 600, iat = nowSecs(), rooms } = {}) {

@@ -11,18 +11,9 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import { chromium } from 'playwright-core';
-import { Stack, artifactsDir, repoRoot } from '../lib/stack.mjs';
+import { exactly, startStackAndBrowser } from '../lib/fixture.mjs';
+import { artifactsDir, repoRoot } from '../lib/stack.mjs';
 
-const CHROMIUM = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
-const LAUNCH_ARGS = [
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-  '--no-first-run',
-];
 const ROOM = 'lobby';
 const XSS = '<img src=x onerror=alert(1)>';
 
@@ -37,13 +28,7 @@ const users = {};
 let carol;
 
 before(async () => {
-  fs.mkdirSync(artifactsDir, { recursive: true });
-  stack = new Stack();
-  await stack.startRedis();
-  await stack.startGateway('gateway-1');
-  await stack.startGateway('gateway-2');
-  await stack.startNginx();
-  browser = await chromium.launch({ executablePath: CHROMIUM, args: LAUNCH_ARGS, headless: true });
+  ({ stack, browser } = await startStackAndBrowser());
 });
 
 after(async () => {
@@ -53,8 +38,6 @@ after(async () => {
 
 // ---- helpers --------------------------------------------------------------------------------
 
-const escapeRe = (s) => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
-const exactly = (s) => new RegExp(`^${escapeRe(s)}$`);
 
 function watch(page, who) {
   page.on('dialog', async (d) => {
