@@ -10,7 +10,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import { exactly, startStackAndBrowser } from '../lib/fixture.mjs';
+import { connectedInstance, messages, startStackAndBrowser } from '../lib/fixture.mjs';
 import { signHs256, nowSecs } from '../lib/jwt.mjs';
 import { artifactsDir } from '../lib/stack.mjs';
 
@@ -63,21 +63,6 @@ async function openPage(who, hash) {
   return { who, ctx, page };
 }
 
-/** Waits for the status badge to say "connected" and returns the instance it names. */
-async function connectedInstance(page) {
-  const badge = page.locator('#status[data-state="connected"]');
-  await badge.waitFor();
-  const instance = await badge.getAttribute('data-instance');
-  assert.equal(await page.locator('#status-text').textContent(), `Connected to ${instance}`);
-  return instance;
-}
-
-/** The confirmed (stored, id-carrying) messages with this exact text in the visible room. */
-function messages(page, text) {
-  return page
-    .locator('ol.messages:not([hidden]) > li.msg[data-id]')
-    .filter({ has: page.locator('.text', { hasText: exactly(text) }) });
-}
 
 async function send(page, text, { confirmed = true } = {}) {
   const box = page.getByRole('textbox', { name: /^Message #/ });

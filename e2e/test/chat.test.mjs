@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import { exactly, startStackAndBrowser } from '../lib/fixture.mjs';
+import { connectedInstance, exactly, messages, startStackAndBrowser } from '../lib/fixture.mjs';
 import { artifactsDir, repoRoot } from '../lib/stack.mjs';
 
 const ROOM = 'lobby';
@@ -62,21 +62,6 @@ async function openUser(name, { room = ROOM, contextOptions = {} } = {}) {
   return { name, ctx, page, instance };
 }
 
-/** Waits for the status badge to say "connected" and returns the instance it names. */
-async function connectedInstance(page) {
-  const badge = page.locator('#status[data-state="connected"]');
-  await badge.waitFor();
-  const instance = await badge.getAttribute('data-instance');
-  assert.equal(await page.locator('#status-text').textContent(), `Connected to ${instance}`);
-  return instance;
-}
-
-/** The confirmed (stored, id-carrying) messages with this exact text in the visible room. */
-function messages(page, text) {
-  return page
-    .locator('ol.messages:not([hidden]) > li.msg[data-id]')
-    .filter({ has: page.locator('.text', { hasText: exactly(text) }) });
-}
 
 function pending(page, text) {
   return page.locator('#pending-list > li.pending').filter({ has: page.locator('.text', { hasText: exactly(text) }) });
