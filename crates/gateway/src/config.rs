@@ -157,6 +157,11 @@ pub struct Config {
     /// Rooms idle this long expire as a whole (`ROOM_IDLE_TTL_SECS`, default 30 days;
     /// `None` = keep forever).
     pub room_idle_ttl: Option<Duration>,
+    /// Messages a fresh join replays at most (`JOIN_REPLAY_LIMIT`, default `HISTORY_SIZE`);
+    /// a resume with `since` replays everything newer that is retained.
+    pub join_replay_limit: usize,
+    /// How long an idempotent send is remembered (`IDEMPOTENCY_WINDOW_SECS`, default 300).
+    pub idempotency_window: Duration,
 }
 
 /// How tokens are verified (any one or more key sources).
@@ -227,6 +232,8 @@ struct Raw {
     max_connections_per_ip: Option<usize>,
     trusted_proxies: Option<String>,
     room_idle_ttl_secs: Option<u64>,
+    join_replay_limit: Option<usize>,
+    idempotency_window_secs: Option<u64>,
 }
 
 impl Config {
@@ -329,6 +336,20 @@ impl Config {
         let history_size = raw.history_size.unwrap_or(200);
         if !(1..=100_000).contains(&history_size) {
             return Err(invalid("HISTORY_SIZE", "must be between 1 and 100000"));
+        }
+        let join_replay_limit = raw.join_replay_limit.unwrap_or(history_size);
+        if !(1..=history_size).contains(&join_replay_limit) {
+            return Err(invalid(
+                "JOIN_REPLAY_LIMIT",
+                "must be between 1 and HISTORY_SIZE",
+            ));
+        }
+        let idempotency_window = raw.idempotency_window_secs.unwrap_or(300);
+        if !(1..=86_400).contains(&idempotency_window) {
+            return Err(invalid(
+                "IDEMPOTENCY_WINDOW_SECS",
+                "must be between 1 and 86400 seconds",
+            ));
         }
         let max_frame_bytes = raw.max_frame_bytes.unwrap_or(65_536);
         if !(1024..=16 << 20).contains(&max_frame_bytes) {
@@ -453,6 +474,8 @@ impl Config {
             max_connections_per_ip: raw.max_connections_per_ip.unwrap_or(200),
             trusted_proxies,
             room_idle_ttl,
+            join_replay_limit,
+            idempotency_window: Duration::from_secs(idempotency_window),
         })
     }
 }

@@ -33,6 +33,11 @@ impl Keys {
         format!("{}:{{{room}}}:epoch", self.prefix)
     }
 
+    /// `chat:{R}:sent:DIGEST` — the record of an idempotent send (its stored frame).
+    pub fn sent(&self, room: &RoomName, digest: &str) -> String {
+        format!("{}:{{{room}}}:sent:{digest}", self.prefix)
+    }
+
     /// `chat:{R}` — the live channel.
     pub fn channel(&self, room: &RoomName) -> String {
         format!("{}:{{{room}}}", self.prefix)
@@ -76,6 +81,7 @@ mod tests {
         assert_eq!(k.history(&r), "chat:{general}:history");
         assert_eq!(k.channel(&r), "chat:{general}");
         assert_eq!(k.epoch(&r), "chat:{general}:epoch");
+        assert_eq!(k.sent(&r, "ab12"), "chat:{general}:sent:ab12");
         assert_eq!(k.room_of_channel("chat:{general}"), Some("general"));
         assert_eq!(k.room_of_channel("other:{general}"), None);
         assert_eq!(k.room_of_channel("chat:{general}:x"), None);

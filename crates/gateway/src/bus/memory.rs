@@ -22,7 +22,9 @@ use std::{
 use bytes::Bytes;
 use chat_protocol::{MessageTemplate, RoomName};
 
-use super::{Bus, BusError, BusEvent, BusEvents, Epoch, History, Msg, new_epoch};
+use super::{
+    Bus, BusError, BusEvent, BusEvents, Dedupe, Epoch, History, Msg, Page, Published, new_epoch,
+};
 use crate::sync::lock;
 
 struct RoomLog {
@@ -53,6 +55,54 @@ struct Inner {
     rooms: Mutex<HashMap<RoomName, Arc<Mutex<RoomLog>>>>,
     history_size: usize,
     events: Arc<dyn BusEvents>,
+    /// Idempotent sends: (room, dedupe key) → the stored message, until it expires.
+    sent: Mutex<Sent>,
+}
+
+/// A room's queued messages, to be handed to the events handler by the publisher that
+/// found nobody doing it.
+struct Handover {
+    log: Arc<Mutex<RoomLog>>,
+    batch: Vec<BusEvent>,
+    events: Arc<dyn BusEvents>,
+}
+
+impl Handover {
+    /// Hands the batch over, then whatever was queued meanwhile, until nothing is left.
+    fn run(mut self) {
+        loop {
+            self.events.deliver(&mut self.batch);
+            let mut log = lock(&self.log);
+            if log.undelivered.is_empty() {
+                log.delivering = false;
+                return;
+            }
+            std::mem::swap(&mut self.batch, &mut log.undelivered);
+        }
+    }
+}
+
+/// Idempotent sends remembered, oldest first; at most [`SENT_MAX`] of them.
+#[derive(Default)]
+struct Sent {
+    by_key: HashMap<(RoomName, String), Msg>,
+    order: VecDeque<(tokio::time::Instant, RoomName, String)>,
+}
+
+/// Idempotent sends the in-process bus remembers at most (the oldest go first).
+const SENT_MAX: usize = 100_000;
+
+impl Sent {
+    fn forget_expired(&mut self) {
+        let now = tokio::time::Instant::now();
+        while let Some((until, room, key)) = self.order.front() {
+            if *until > now && self.order.len() <= SENT_MAX {
+                break;
+            }
+            self.by_key.remove(&(room.clone(), key.clone()));
+            self.order.pop_front();
+        }
+    }
 }
 
 impl Inner {
@@ -89,6 +139,7 @@ impl MemoryBus {
                 rooms: Mutex::new(HashMap::new()),
                 history_size,
                 events,
+                sent: Mutex::default(),
             }),
         }
     }
@@ -152,16 +203,12 @@ impl MemoryBus {
         }
     }
 
-    /// Rooms this bus remembers (tests).
-    pub fn room_count(&self) -> usize {
-        lock(&self.inner.rooms).len()
-    }
-}
-
-impl Bus for MemoryBus {
-    async fn publish(&self, room: &RoomName, message: &MessageTemplate) -> Result<u64, BusError> {
+    /// Stores `message` as the room's next id. Returns it, and — unless another
+    /// publisher is handing the room's messages over already — the work of handing them
+    /// over ([`Handover::run`]), which the caller runs outside any lock.
+    fn store(&self, room: &RoomName, message: &MessageTemplate) -> (Msg, Option<Handover>) {
         let history_size = self.inner.history_size;
-        let ((id, batch), log) = self.with_log(room, |log| {
+        let ((stored, batch), log) = self.with_log(room, |log| {
             log.seq += 1;
             let id = log.seq;
             let msg = Msg {
@@ -174,27 +221,99 @@ impl Bus for MemoryBus {
             }
             log.undelivered.push(BusEvent::Message {
                 room: room.clone(),
-                msg,
+                msg: msg.clone(),
             });
             if log.delivering {
                 // The current deliverer hands this one over too.
-                return (id, None);
+                return (msg, None);
             }
             log.delivering = true;
-            (id, Some(std::mem::take(&mut log.undelivered)))
+            (msg, Some(std::mem::take(&mut log.undelivered)))
         });
-        let Some(mut batch) = batch else {
-            return Ok(id);
-        };
-        loop {
-            self.inner.events.deliver(&mut batch);
-            let mut log = lock(&log);
-            if log.undelivered.is_empty() {
-                log.delivering = false;
-                return Ok(id);
+        let handover = batch.map(|batch| Handover {
+            log,
+            batch,
+            events: self.inner.events.clone(),
+        });
+        (stored, handover)
+    }
+
+    /// Rooms this bus remembers (tests).
+    pub fn room_count(&self) -> usize {
+        lock(&self.inner.rooms).len()
+    }
+}
+
+impl Bus for MemoryBus {
+    async fn publish(
+        &self,
+        room: &RoomName,
+        message: &MessageTemplate,
+        dedupe: Option<&Dedupe>,
+    ) -> Result<Published, BusError> {
+        let Some(dedupe) = dedupe else {
+            let (msg, handover) = self.store(room, message);
+            if let Some(handover) = handover {
+                handover.run();
             }
-            std::mem::swap(&mut batch, &mut log.undelivered);
+            return Ok(Published {
+                msg,
+                duplicate: false,
+            });
+        };
+        // The check, the store and the record happen under the dedupe lock, so a repeat
+        // racing its original finds it (the Redis script is atomic the same way); the
+        // handover (socket writes) happens after it is released.
+        let (msg, handover) = {
+            let mut sent = lock(&self.inner.sent);
+            sent.forget_expired();
+            let key = (room.clone(), dedupe.key.clone());
+            if let Some(msg) = sent.by_key.get(&key) {
+                return Ok(Published {
+                    msg: msg.clone(),
+                    duplicate: true,
+                });
+            }
+            let (msg, handover) = self.store(room, message);
+            sent.by_key.insert(key, msg.clone());
+            let until = tokio::time::Instant::now() + dedupe.window;
+            sent.order
+                .push_back((until, room.clone(), dedupe.key.clone()));
+            (msg, handover)
+        };
+        if let Some(handover) = handover {
+            handover.run();
         }
+        Ok(Published {
+            msg,
+            duplicate: false,
+        })
+    }
+
+    async fn page(
+        &self,
+        room: &RoomName,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Page, BusError> {
+        let (page, _) = self.with_log(room, |log| {
+            let first = (log.seq + 1).saturating_sub(log.history.len() as u64);
+            let last = before.map_or(log.seq, |b| b.saturating_sub(1).min(log.seq));
+            let from = first.max((last + 1).saturating_sub(limit.max(1) as u64));
+            let messages: Vec<Msg> = log
+                .history
+                .iter()
+                .filter(|m| (from..=last).contains(&m.id))
+                .cloned()
+                .collect();
+            Page {
+                top: log.seq,
+                epoch: Some(log.epoch.clone()),
+                has_more: !messages.is_empty() && from > first,
+                messages,
+            }
+        });
+        Ok(page)
     }
 
     async fn subscribe(&self, room: &RoomName) -> Result<(), BusError> {
@@ -301,10 +420,10 @@ mod tests {
         assert_eq!(bus.room_count(), 0);
         // With messages: kept while idle less than the TTL, or while someone is in it.
         let t = MessageTemplate::new(&room("talk"), "u", "m");
-        bus.publish(&room("talk"), &t).await.unwrap();
+        bus.publish(&room("talk"), &t, None).await.unwrap();
         let before = bus.history(&room("talk"), None).await.unwrap();
         bus.subscribe(&room("held")).await.unwrap();
-        bus.publish(&room("held"), &t).await.unwrap();
+        bus.publish(&room("held"), &t, None).await.unwrap();
         tokio::time::sleep(ttl / 2).await;
         assert_eq!(bus.room_count(), 2);
         tokio::time::sleep(ttl).await;
@@ -318,6 +437,56 @@ mod tests {
         assert_ne!(after.epoch, before.epoch, "it comes back under a new epoch");
     }
 
+    #[tokio::test]
+    async fn pages_walk_back_through_what_is_retained() {
+        let bus = MemoryBus::new(10, Arc::new(Recorder::default()));
+        let room = RoomName::new("r").unwrap();
+        for _ in 0..25 {
+            let t = MessageTemplate::new(&room, "u", "m");
+            bus.publish(&room, &t, None).await.unwrap();
+        }
+        let ids = |p: &Page| p.messages.iter().map(|m| m.id).collect::<Vec<_>>();
+        let newest = bus.page(&room, None, 4).await.unwrap();
+        assert_eq!(
+            (ids(&newest), newest.has_more, newest.top),
+            (vec![22, 23, 24, 25], true, 25)
+        );
+        let older = bus.page(&room, Some(22), 4).await.unwrap();
+        assert_eq!((ids(&older), older.has_more), (vec![18, 19, 20, 21], true));
+        // Retained: 16..=25 (HISTORY_SIZE 10).
+        let last = bus.page(&room, Some(18), 4).await.unwrap();
+        assert_eq!((ids(&last), last.has_more), (vec![16, 17], false));
+        let none = bus.page(&room, Some(16), 4).await.unwrap();
+        assert_eq!((ids(&none), none.has_more), (vec![], false));
+    }
+
+    #[tokio::test]
+    async fn a_repeated_idempotent_send_returns_the_original_and_publishes_nothing() {
+        let recorder = Arc::new(Recorder::default());
+        let bus = MemoryBus::new(10, recorder.clone());
+        let room = RoomName::new("r").unwrap();
+        let dedupe = Dedupe::new("client:a", "c-1", std::time::Duration::from_secs(60));
+        let first = bus
+            .publish(
+                &room,
+                &MessageTemplate::new(&room, "u", "one"),
+                Some(&dedupe),
+            )
+            .await
+            .unwrap();
+        let again = bus
+            .publish(
+                &room,
+                &MessageTemplate::new(&room, "u", "two"),
+                Some(&dedupe),
+            )
+            .await
+            .unwrap();
+        assert!(!first.duplicate && again.duplicate);
+        assert_eq!(again.msg, first.msg);
+        assert_eq!(*lock(&recorder.ids), vec![1]);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_publishers_are_delivered_once_each_in_id_order() {
         let recorder = Arc::new(Recorder::default());
@@ -329,7 +498,7 @@ mod tests {
                 tokio::spawn(async move {
                     for _ in 0..200 {
                         let t = MessageTemplate::new(&room, "u", "m");
-                        bus.publish(&room, &t).await.unwrap();
+                        bus.publish(&room, &t, None).await.unwrap();
                     }
                 })
             })

@@ -30,6 +30,65 @@ pub struct Msg {
     pub json: Bytes,
 }
 
+/// What a publish stored (or, for a repeated idempotent send, had stored before).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Published {
+    /// The message as stored (its id and exact JSON).
+    pub msg: Msg,
+    /// The send was a repeat within the idempotency window: nothing was published now,
+    /// `msg` is the original.
+    pub duplicate: bool,
+}
+
+/// Makes a send idempotent: stored at most once per key within `window`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dedupe {
+    /// A digest of who sent it (user or client) and its `ref`: fixed length, whatever
+    /// they are.
+    pub key: String,
+    /// `IDEMPOTENCY_WINDOW_SECS`.
+    pub window: std::time::Duration,
+}
+
+impl Dedupe {
+    /// The dedupe record of `reference` sent by `who` (a user id, or a client id).
+    pub fn new(who: &str, reference: &str, window: std::time::Duration) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        hash.update(who.as_bytes());
+        hash.update([0]);
+        hash.update(reference.as_bytes());
+        let key = hash.finalize()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Dedupe { key, window }
+    }
+}
+
+/// A page of a room's retained history, newest last.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Page {
+    /// The room's last assigned id.
+    pub top: u64,
+    /// The room's epoch.
+    pub epoch: Option<Epoch>,
+    /// The messages, oldest first.
+    pub messages: Vec<Msg>,
+    /// Older retained messages exist before the first one.
+    pub has_more: bool,
+}
+
+impl From<Page> for History {
+    fn from(page: Page) -> Self {
+        History {
+            top: page.top,
+            epoch: page.epoch,
+            messages: page.messages,
+        }
+    }
+}
+
 /// What a history read returned.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct History {
@@ -146,12 +205,14 @@ impl BusError {
 /// The contract both buses implement.
 pub trait Bus: Send + Sync {
     /// Assigns the next id of `room`, appends the rendered frame to the room's capped
-    /// history and publishes it, atomically. Returns the id.
+    /// history and publishes it, atomically — unless `dedupe` names a send already stored
+    /// within its window, which is returned instead (and nothing is published).
     fn publish(
         &self,
         room: &RoomName,
         message: &MessageTemplate,
-    ) -> impl Future<Output = Result<u64, BusError>> + Send;
+        dedupe: Option<&Dedupe>,
+    ) -> impl Future<Output = Result<Published, BusError>> + Send;
 
     /// Starts reporting `room`'s messages. Resolves once delivery is active, so that a
     /// history read made afterwards cannot miss a message.
@@ -166,6 +227,15 @@ pub trait Bus: Send + Sync {
         room: &RoomName,
         since: Option<u64>,
     ) -> impl Future<Output = Result<History, BusError>> + Send;
+
+    /// Reads up to `limit` retained messages before id `before` (the newest without it).
+    /// Like a history read, it keeps the room alive and gives it an epoch.
+    fn page(
+        &self,
+        room: &RoomName,
+        before: Option<u64>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Page, BusError>> + Send;
 
     /// Whether the bus can serve requests now (drives `/readyz`).
     fn is_ready(&self) -> bool;
@@ -197,10 +267,27 @@ impl AnyBus {
 }
 
 impl Bus for AnyBus {
-    async fn publish(&self, room: &RoomName, message: &MessageTemplate) -> Result<u64, BusError> {
+    async fn publish(
+        &self,
+        room: &RoomName,
+        message: &MessageTemplate,
+        dedupe: Option<&Dedupe>,
+    ) -> Result<Published, BusError> {
         match self {
-            AnyBus::Memory(b) => b.publish(room, message).await,
-            AnyBus::Redis(b) => b.publish(room, message).await,
+            AnyBus::Memory(b) => b.publish(room, message, dedupe).await,
+            AnyBus::Redis(b) => b.publish(room, message, dedupe).await,
+        }
+    }
+
+    async fn page(
+        &self,
+        room: &RoomName,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Page, BusError> {
+        match self {
+            AnyBus::Memory(b) => b.page(room, before, limit).await,
+            AnyBus::Redis(b) => b.page(room, before, limit).await,
         }
     }
 

@@ -450,7 +450,7 @@ pub(crate) mod tests {
         let bus = MemoryBus::new(history_size, hub());
         for i in 1..=n {
             let t = MessageTemplate::new(&room, "u", &format!("m{i}"));
-            bus.publish(&room, &t).await.unwrap();
+            bus.publish(&room, &t, None).await.unwrap();
         }
         let msgs = bus.history(&room, None).await.unwrap().messages;
         (bus, msgs, room)

@@ -25,6 +25,9 @@ pub struct ConnectParams {
     pub epoch: Option<String>,
     /// `username`: the display name for sends that carry none.
     pub username: Option<String>,
+    /// `client`: a stable id the client keeps across reconnects (1–64 of
+    /// `[A-Za-z0-9_-]`); with it, a `send` carrying `ref` is stored at most once.
+    pub client: Option<String>,
 }
 
 impl Session {
@@ -55,6 +58,21 @@ impl Session {
                     );
                     self.refuse(err).await;
                 }
+            }
+        }
+        if let Some(client) = params.client {
+            let valid = (1..=64).contains(&client.len())
+                && client
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if valid {
+                self.client = Some(client);
+            } else {
+                let err = FrameError::new(
+                    ErrorCode::BadRequest,
+                    "query parameter `client` must be 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'",
+                );
+                self.refuse(err).await;
             }
         }
         let room = match params.room {

@@ -80,14 +80,24 @@ impl Session {
         let mut recovered = true;
         let mut first_pass = true;
         loop {
-            let mut history = Box::pin(state.bus.history(&room, since)).await;
+            let mut history = match since {
+                Some(_) => Box::pin(state.bus.history(&room, since)).await,
+                // A fresh join replays the newest JOIN_REPLAY_LIMIT messages; older ones
+                // are paged over HTTP.
+                None => Box::pin(state.bus.page(&room, None, state.config.join_replay_limit))
+                    .await
+                    .map(History::from),
+            };
             if let Ok(h) = &history
                 && since.is_some()
                 && epoch.is_some()
                 && h.epoch.as_deref() != epoch.as_deref()
             {
                 // `since` is from another epoch: the whole history, not a tail, is due.
-                history = Box::pin(state.bus.history(&room, None)).await;
+                let limit = state.config.join_replay_limit;
+                history = Box::pin(state.bus.page(&room, None, limit))
+                    .await
+                    .map(History::from);
             }
             let history = match history {
                 Ok(h) => h,

@@ -29,7 +29,7 @@ use rate_limit::RateLimit;
 
 use crate::{
     auth::Principal,
-    bus::Bus,
+    bus::{Bus, Dedupe},
     state::AppState,
     transport::{CloseReason, ConnId, Connection, Outbox, Reader, Upgraded, frame},
 };
@@ -61,6 +61,8 @@ struct Session {
     expires_at: Option<tokio::time::Instant>,
     /// The name from the connect query (anonymous connections only).
     username: Option<Username>,
+    /// The `client` id from the connect query: makes sends with `ref` idempotent.
+    client: Option<String>,
     /// Rooms in join order; `false` while the join's replay is in progress.
     rooms: Vec<(RoomName, bool)>,
     rate: RateLimit,
@@ -97,6 +99,7 @@ pub async fn run(
             principal,
             expires_at,
             username: None,
+            client: None,
             rooms: Vec::new(),
             rate,
             refused_in_a_row: 0,
@@ -332,7 +335,25 @@ impl Session {
                 MessageTemplate::new(&room, username, &text)
             }
         };
-        match Box::pin(self.state.bus.publish(&room, &template)).await {
+        // With a `client` id, a `send` carrying `ref` is stored at most once: a repeat
+        // (after a reconnect, on any instance) gets the original's ack. The record is
+        // per user (or per anonymous client), so nobody can answer for someone else.
+        let dedupe = match (&self.client, &reference) {
+            (Some(client), Some(reference)) => {
+                let who = match self.principal.identity() {
+                    Some(id) => format!("user:{}\u{0}{client}", id.user),
+                    None => format!("client:{client}"),
+                };
+                Some(Dedupe::new(
+                    &who,
+                    reference,
+                    self.state.config.idempotency_window,
+                ))
+            }
+            _ => None,
+        };
+        let published = Box::pin(self.state.bus.publish(&room, &template, dedupe.as_ref())).await;
+        match published.map(|p| p.msg.id) {
             Ok(id) => {
                 if let Some(reference) = reference {
                     let ack = ServerFrame::Ack {

@@ -13,6 +13,7 @@ mod multi;
 mod process;
 mod promises;
 mod reliability;
+mod retries;
 mod single;
 
 use chat_testkit::{RedisServer, TestGateway, WsClient};

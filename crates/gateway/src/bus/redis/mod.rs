@@ -42,7 +42,7 @@ use fred::{
 use tokio::task::JoinHandle;
 use tracing::{error, warn};
 
-use super::{Bus, BusError, BusEvents, History, keys::Keys};
+use super::{Bus, BusError, BusEvents, Dedupe, History, Page, Published, keys::Keys};
 use crate::sync::{Backoff, lock};
 use scripts::Scripts;
 use subscriptions::{Owner, Subscriptions};
@@ -323,13 +323,33 @@ fn spawn_connection<C: ClientLike + Clone + Send + 'static>(client: &C) -> JoinH
 }
 
 impl Bus for RedisBus {
-    async fn publish(&self, room: &RoomName, message: &MessageTemplate) -> Result<u64, BusError> {
+    async fn publish(
+        &self,
+        room: &RoomName,
+        message: &MessageTemplate,
+        dedupe: Option<&Dedupe>,
+    ) -> Result<Published, BusError> {
         if !self.inner.commands.is_connected() {
             return Err(BusError::Disconnected);
         }
         self.inner
             .scripts
-            .publish(&self.inner.commands, room, message)
+            .publish(&self.inner.commands, room, message, dedupe)
+            .await
+    }
+
+    async fn page(
+        &self,
+        room: &RoomName,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Page, BusError> {
+        if !self.inner.commands.is_connected() {
+            return Err(BusError::Disconnected);
+        }
+        self.inner
+            .scripts
+            .page(&self.inner.commands, room, before, limit)
             .await
     }
 

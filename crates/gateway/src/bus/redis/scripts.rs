@@ -13,11 +13,15 @@ use fred::{
     types::{Value, scripts::Script},
 };
 
-use crate::bus::{BusError, Epoch, EpochNotice, History, Msg, keys::Keys, new_epoch};
+use crate::bus::{
+    BusError, Dedupe, Epoch, EpochNotice, History, Msg, Page, Published, keys::Keys, new_epoch,
+};
 
-/// KEYS: seq, history, epoch. ARGV: channel, message head, middle, tail, history size,
-/// publish command, epoch candidate, epoch notice head, notice tail, idle TTL (seconds,
-/// 0 = none).
+/// KEYS: seq, history, epoch, and (for an idempotent send) its dedupe record. ARGV:
+/// channel, message head, middle, tail, history size, publish command, epoch candidate,
+/// epoch notice head, notice tail, idle TTL (seconds, 0 = none), idempotency window
+/// (seconds). Returns {0, frame} for a stored message, {1, frame} for a repeated send
+/// (the original frame; nothing is published).
 ///
 /// A counter that starts at 1 (a new room, or one whose data was lost) drops stale
 /// history, makes sure the room has an epoch (a join may have created it already) and
@@ -25,6 +29,10 @@ use crate::bus::{BusError, Epoch, EpochNotice, History, Msg, keys::Keys, new_epo
 /// order. The timestamp is Redis' clock, so `ts` follows id order whatever the instances'
 /// clocks say.
 const PUBLISH_LUA: &str = r"
+if KEYS[4] then
+  local prior = redis.call('GET', KEYS[4])
+  if prior then return {1, prior} end
+end
 local id = redis.call('INCR', KEYS[1])
 if id == 1 then
   redis.call('DEL', KEYS[2])
@@ -39,14 +47,17 @@ redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
 if ARGV[10] ~= '0' then
   for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[10]) end
 end
+if KEYS[4] then redis.call('SET', KEYS[4], msg, 'EX', ARGV[11]) end
 redis.call(ARGV[6], ARGV[1], msg)
-return id
+return {0, msg}
 ";
 
 /// KEYS: seq, history, epoch. ARGV: since (-1 for none), epoch candidate, idle TTL
-/// (seconds, 0 = none). Returns {top, epoch, entries}: the entries after `since` when all
-/// of them are retained, else every retained entry. Creates the room's epoch if it has
-/// none, so that `joined` always carries one; a read (a join) keeps the room alive as a
+/// (seconds, 0 = none), before (-1 for none), limit (0 = no limit). Returns {top, epoch,
+/// entries, more}. With `since`: the entries after it when all of them are retained, else
+/// every retained entry. Without: up to `limit` entries before `before` (the newest), and
+/// `more` = 1 when older retained entries exist. Creates the room's epoch if it has none,
+/// so that `joined` always carries one; a read (a join) keeps the room alive as a
 /// publish does.
 const HISTORY_LUA: &str = r"
 local top = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -58,15 +69,28 @@ end
 if ARGV[3] ~= '0' then
   for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
 end
-local since = tonumber(ARGV[1])
 local n = redis.call('LLEN', KEYS[2])
-local start = 0
-if since >= 0 and since <= top then
-  local newer = top - since
-  if newer < n then start = n - newer end
+local since = tonumber(ARGV[1])
+if since >= 0 then
+  local start = 0
+  if since <= top then
+    local newer = top - since
+    if newer < n then start = n - newer end
+  end
+  if start >= n then return {top, epoch, {}, 0} end
+  return {top, epoch, redis.call('LRANGE', KEYS[2], start, -1), 0}
 end
-if start >= n then return {top, epoch, {}} end
-return {top, epoch, redis.call('LRANGE', KEYS[2], start, -1)}
+local first = top - n + 1
+local last = top
+local before = tonumber(ARGV[4])
+if before >= 0 and before - 1 < last then last = before - 1 end
+if n == 0 or last < first then return {top, epoch, {}, 0} end
+local from = first
+local limit = tonumber(ARGV[5])
+if limit > 0 and last - limit + 1 > first then from = last - limit + 1 end
+local more = 0
+if from > first then more = 1 end
+return {top, epoch, redis.call('LRANGE', KEYS[2], from - first, last - first), more}
 ";
 
 /// The scripts, and how a room's calls are spelled.
@@ -103,15 +127,17 @@ impl Scripts {
         }
     }
 
-    /// Runs the publish script for `message`; returns the id.
+    /// Runs the publish script for `message`.
     pub(super) async fn publish(
         &self,
         client: &Client,
         room: &RoomName,
         message: &MessageTemplate,
-    ) -> Result<u64, BusError> {
+        dedupe: Option<&Dedupe>,
+    ) -> Result<Published, BusError> {
         let k = &self.keys;
-        let args = vec![
+        let mut keys = self.room_keys(room);
+        let mut args = vec![
             k.channel(room),
             message.head.clone(),
             message.middle.clone(),
@@ -123,11 +149,26 @@ impl Scripts {
             EpochNotice::TAIL.to_owned(),
             self.idle_ttl.clone(),
         ];
-        self.evalsha(client, &self.publish, self.room_keys(room), args)
-            .await
+        if let Some(dedupe) = dedupe {
+            keys.push(k.sent(room, &dedupe.key));
+            args.push(dedupe.window.as_secs().max(1).to_string());
+        }
+        let reply: Value = self.evalsha(client, &self.publish, keys, args).await?;
+        let mut parts = reply.into_array().into_iter();
+        let duplicate = parts
+            .next()
+            .and_then(|v| v.as_u64())
+            .ok_or(BusError::Corrupt("publish reply has no flag"))?
+            == 1;
+        let msg = parts
+            .next()
+            .and_then(Value::into_bytes)
+            .and_then(to_msg)
+            .ok_or(BusError::Corrupt("publish reply has no message frame"))?;
+        Ok(Published { msg, duplicate })
     }
 
-    /// Runs the history script.
+    /// Runs the history script from `since`.
     pub(super) async fn history(
         &self,
         client: &Client,
@@ -135,15 +176,46 @@ impl Scripts {
         since: Option<u64>,
     ) -> Result<History, BusError> {
         let since = since.map_or_else(|| "-1".to_owned(), |s| s.to_string());
+        let page = self.read(client, room, since, "-1".to_owned(), 0).await?;
+        Ok(History {
+            top: page.top,
+            epoch: page.epoch,
+            messages: page.messages,
+        })
+    }
+
+    /// Runs the history script for a page before `before`.
+    pub(super) async fn page(
+        &self,
+        client: &Client,
+        room: &RoomName,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Page, BusError> {
+        let before = before.map_or_else(|| "-1".to_owned(), |b| b.to_string());
+        self.read(client, room, "-1".to_owned(), before, limit.max(1))
+            .await
+    }
+
+    async fn read(
+        &self,
+        client: &Client,
+        room: &RoomName,
+        since: String,
+        before: String,
+        limit: usize,
+    ) -> Result<Page, BusError> {
+        let args = vec![
+            since,
+            new_epoch(),
+            self.idle_ttl.clone(),
+            before,
+            limit.to_string(),
+        ];
         let reply: Value = self
-            .evalsha(
-                client,
-                &self.history,
-                self.room_keys(room),
-                vec![since, new_epoch(), self.idle_ttl.clone()],
-            )
+            .evalsha(client, &self.history, self.room_keys(room), args)
             .await?;
-        parse_history(reply)
+        parse_page(reply)
     }
 
     fn room_keys(&self, room: &RoomName) -> Vec<String> {
@@ -190,8 +262,8 @@ pub(super) fn to_msg(json: Bytes) -> Option<Msg> {
     Some(Msg { id, json })
 }
 
-/// Reads the history script's `{top, epoch, entries}`.
-fn parse_history(reply: Value) -> Result<History, BusError> {
+/// Reads the history script's `{top, epoch, entries, more}`.
+fn parse_page(reply: Value) -> Result<Page, BusError> {
     let mut parts = reply.into_array().into_iter();
     let top = parts
         .next()
@@ -214,10 +286,12 @@ fn parse_history(reply: Value) -> Result<History, BusError> {
                 .ok_or(BusError::Corrupt("history entry is not a message frame"))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(History {
+    let has_more = parts.next().and_then(|v| v.as_u64()) == Some(1);
+    Ok(Page {
         top,
         epoch,
         messages,
+        has_more,
     })
 }
 
@@ -237,11 +311,13 @@ mod tests {
             Value::Integer(7),
             Value::from("e1"),
             Value::Array(vec![entry(6), entry(7)]),
+            Value::Integer(1),
         ]);
-        let h = parse_history(reply).unwrap();
+        let h = parse_page(reply).unwrap();
         assert_eq!(h.top, 7);
         assert_eq!(h.epoch.as_deref(), Some("e1"));
         assert_eq!(h.messages.iter().map(|m| m.id).collect::<Vec<_>>(), [6, 7]);
+        assert!(h.has_more);
     }
 
     #[test]
@@ -256,7 +332,7 @@ mod tests {
                 Value::Array(vec![Value::from("not a message")]),
             ]),
         ] {
-            assert!(matches!(parse_history(reply), Err(BusError::Corrupt(_))));
+            assert!(matches!(parse_page(reply), Err(BusError::Corrupt(_))));
         }
     }
 
@@ -264,6 +340,7 @@ mod tests {
     fn the_scripts_render_only_what_rust_gives_them() {
         // The message's closing bytes and the notice's JSON come from Rust, not Lua.
         assert!(PUBLISH_LUA.contains("ARGV[4]") && !PUBLISH_LUA.contains("'}'"));
+        assert!(!PUBLISH_LUA.contains("'{"));
         assert!(!PUBLISH_LUA.contains("\"type\""));
         let room = RoomName::new("lobby").unwrap();
         let notice = format!("{}abc{}", EpochNotice::head(&room), EpochNotice::TAIL);
