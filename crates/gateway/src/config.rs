@@ -162,6 +162,15 @@ pub struct Config {
     pub join_replay_limit: usize,
     /// How long an idempotent send is remembered (`IDEMPOTENCY_WINDOW_SECS`, default 300).
     pub idempotency_window: Duration,
+    /// Keys of the server API (`API_KEY`, a comma list for rotation); empty: `/api/*` is 404.
+    pub api_keys: Vec<Secret>,
+    /// Who is in a room (`PRESENCE`: `on` or `off`, default on).
+    pub presence: bool,
+    /// Presence entries' lease (`PRESENCE_TTL_SECS`, default 30), renewed every third of it.
+    pub presence_ttl: Duration,
+    /// Users listed in a `presence` frame at most (`PRESENCE_MAX_USERS`, default 1000);
+    /// `count` is always exact.
+    pub presence_max_users: usize,
 }
 
 /// How tokens are verified (any one or more key sources).
@@ -234,6 +243,10 @@ struct Raw {
     room_idle_ttl_secs: Option<u64>,
     join_replay_limit: Option<usize>,
     idempotency_window_secs: Option<u64>,
+    api_key: Option<String>,
+    presence: Option<String>,
+    presence_ttl_secs: Option<u64>,
+    presence_max_users: Option<usize>,
 }
 
 impl Config {
@@ -349,6 +362,40 @@ impl Config {
             return Err(invalid(
                 "IDEMPOTENCY_WINDOW_SECS",
                 "must be between 1 and 86400 seconds",
+            ));
+        }
+        let api_keys: Vec<Secret> = raw
+            .api_key
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(Secret::new)
+            .collect();
+        if api_keys.iter().any(|k| k.expose().len() < 16) {
+            return Err(invalid(
+                "API_KEY",
+                "every key must be at least 16 characters (comma-separated for rotation)",
+            ));
+        }
+        let presence = match raw.presence.as_deref() {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(_) => return Err(invalid("PRESENCE", "must be `on` or `off`")),
+        };
+        let presence_ttl = raw.presence_ttl_secs.unwrap_or(30);
+        if !(3..=3600).contains(&presence_ttl) {
+            return Err(invalid(
+                "PRESENCE_TTL_SECS",
+                "must be between 3 and 3600 seconds",
+            ));
+        }
+        let presence_max_users = raw.presence_max_users.unwrap_or(1000);
+        if !(1..=100_000).contains(&presence_max_users) {
+            return Err(invalid(
+                "PRESENCE_MAX_USERS",
+                "must be between 1 and 100000",
             ));
         }
         let max_frame_bytes = raw.max_frame_bytes.unwrap_or(65_536);
@@ -476,6 +523,10 @@ impl Config {
             room_idle_ttl,
             join_replay_limit,
             idempotency_window: Duration::from_secs(idempotency_window),
+            api_keys,
+            presence,
+            presence_ttl: Duration::from_secs(presence_ttl),
+            presence_max_users,
         })
     }
 }
@@ -617,6 +668,12 @@ mod tests {
     #[test]
     fn debug_hides_the_redis_password() {
         let c = cfg(&[("REDIS_URL", "rediss://:s3cret@example.com:6380")]).unwrap();
+        let c2 = cfg(&[("API_KEY", "api-key-of-sixteen-chars,second-key-sixteen-c")]).unwrap();
+        assert_eq!(c2.api_keys.len(), 2);
+        assert!(
+            !format!("{c2:?}").contains("sixteen"),
+            "API keys must not show"
+        );
         let shown = format!("{c:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("example.com:6380"), "{shown}");

@@ -45,6 +45,13 @@ pub enum ClientFrame {
         /// Echoed in `ack` or `error`.
         reference: Option<String>,
     },
+    /// `{"type":"typing","room":"R"}`: the client's user is typing in `room`.
+    Typing {
+        /// The room (must be joined).
+        room: RoomName,
+        /// Echoed in an `error` about this frame.
+        reference: Option<String>,
+    },
     /// `{"type":"refresh","token":"…"}`: a new token for the same user, before the
     /// current one expires.
     Refresh {
@@ -62,6 +69,7 @@ impl ClientFrame {
             ClientFrame::Join { reference, .. }
             | ClientFrame::Leave { reference, .. }
             | ClientFrame::Send { reference, .. }
+            | ClientFrame::Typing { reference, .. }
             | ClientFrame::Refresh { reference, .. } => reference.as_deref(),
         }
     }
@@ -133,6 +141,10 @@ fn validate(raw: Raw, limits: Limits) -> Result<ClientFrame, FrameError> {
             let room = room(raw.room)?;
             send(Some(room), raw.text, raw.username, raw.reference, limits)
         }
+        Some("typing") => Ok(ClientFrame::Typing {
+            room: room(raw.room)?,
+            reference: raw.reference,
+        }),
         Some("refresh") => Ok(ClientFrame::Refresh {
             token: raw
                 .token

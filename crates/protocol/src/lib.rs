@@ -17,7 +17,7 @@ pub use client::{ClientFrame, Limits, parse_client_frame};
 pub use error::{ErrorCode, FrameError};
 pub use message::{MessageFrame, MessageTemplate, peek_id};
 pub use names::{NameError, RoomName, Username};
-pub use server::ServerFrame;
+pub use server::{PresenceUser, ServerFrame};
 
 /// The protocol version announced in `welcome`.
 pub const PROTOCOL_VERSION: u32 = 1;

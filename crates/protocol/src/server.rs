@@ -52,6 +52,34 @@ pub enum ServerFrame {
         /// The id the message got.
         id: u64,
     },
+    /// Who is in the room: sent after `joined`.
+    Presence {
+        /// The room.
+        room: String,
+        /// How many users are in the room (exact).
+        count: u64,
+        /// At most `PRESENCE_MAX_USERS` of them.
+        users: Vec<PresenceUser>,
+    },
+    /// Users who came into or left the room (each listed once, however many
+    /// connections they have).
+    PresenceDiff {
+        /// The room.
+        room: String,
+        /// Who came.
+        joined: Vec<PresenceUser>,
+        /// Who left.
+        left: Vec<PresenceUser>,
+    },
+    /// Someone else in the room is typing (relayed at most every 2 s per user and room).
+    Typing {
+        /// The room.
+        room: String,
+        /// Their user id.
+        user: String,
+        /// Their display name.
+        name: String,
+    },
     /// The answer to a valid `refresh`: the connection's token now expires at `exp`.
     Refreshed {
         /// The new token's `exp`, Unix seconds.
@@ -67,6 +95,15 @@ pub enum ServerFrame {
         #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
         reference: Option<String>,
     },
+}
+
+/// A user in a presence list.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PresenceUser {
+    /// The user id (a token's `sub`, or `anon-<instance>-<conn>` without authentication).
+    pub user: String,
+    /// The display name.
+    pub name: String,
 }
 
 impl ServerFrame {

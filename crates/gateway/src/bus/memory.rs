@@ -23,7 +23,7 @@ use bytes::Bytes;
 use chat_protocol::{MessageTemplate, RoomName};
 
 use super::{
-    Bus, BusError, BusEvent, BusEvents, Dedupe, Epoch, History, Msg, Page, Published, new_epoch,
+    Bus, BusError, BusEvent, BusEvents, Dedupe, Epoch, History, Msg, Page, PresenceSnapshot, Published, new_epoch,
 };
 use crate::sync::lock;
 
@@ -347,6 +347,11 @@ impl Bus for MemoryBus {
             }
         });
         Ok(history)
+    }
+
+    async fn presence(&self, _room: &RoomName, _max: usize) -> Result<PresenceSnapshot, BusError> {
+        // Filled in with presence (issue 13).
+        Ok(PresenceSnapshot::default())
     }
 
     fn is_ready(&self) -> bool {

@@ -89,6 +89,15 @@ impl From<Page> for History {
     }
 }
 
+/// Who is in a room, across instances.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PresenceSnapshot {
+    /// How many users (exact).
+    pub count: u64,
+    /// At most the requested number of them.
+    pub users: Vec<chat_protocol::PresenceUser>,
+}
+
 /// What a history read returned.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct History {
@@ -237,6 +246,13 @@ pub trait Bus: Send + Sync {
         limit: usize,
     ) -> impl Future<Output = Result<Page, BusError>> + Send;
 
+    /// Who is in `room` (at most `max` of them listed).
+    fn presence(
+        &self,
+        room: &RoomName,
+        max: usize,
+    ) -> impl Future<Output = Result<PresenceSnapshot, BusError>> + Send;
+
     /// Whether the bus can serve requests now (drives `/readyz`).
     fn is_ready(&self) -> bool;
 }
@@ -309,6 +325,13 @@ impl Bus for AnyBus {
         match self {
             AnyBus::Memory(b) => b.history(room, since).await,
             AnyBus::Redis(b) => b.history(room, since).await,
+        }
+    }
+
+    async fn presence(&self, room: &RoomName, max: usize) -> Result<PresenceSnapshot, BusError> {
+        match self {
+            AnyBus::Memory(b) => b.presence(room, max).await,
+            AnyBus::Redis(b) => b.presence(room, max).await,
         }
     }
 

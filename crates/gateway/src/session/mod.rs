@@ -266,6 +266,7 @@ impl Session {
             Ok(ClientFrame::Refresh { token, reference }) => {
                 self.refresh(token, reference).await;
             }
+            Ok(ClientFrame::Typing { room, reference }) => self.typing(room, reference).await,
             Err(err) => self.refuse(err).await,
         }
     }
@@ -374,6 +375,11 @@ impl Session {
                 self.refuse(err.with_ref(reference)).await;
             }
         }
+    }
+
+    /// Relays "typing" to the room's other members (see `presence`).
+    async fn typing(&mut self, _room: RoomName, _reference: Option<String>) {
+        // Filled in with presence and typing (issue 13).
     }
 
     async fn refuse(&mut self, err: FrameError) {

@@ -42,7 +42,7 @@ use fred::{
 use tokio::task::JoinHandle;
 use tracing::{error, warn};
 
-use super::{Bus, BusError, BusEvents, Dedupe, History, Page, Published, keys::Keys};
+use super::{Bus, BusError, BusEvents, Dedupe, History, Page, PresenceSnapshot, Published, keys::Keys};
 use crate::sync::{Backoff, lock};
 use scripts::Scripts;
 use subscriptions::{Owner, Subscriptions};
@@ -381,6 +381,11 @@ impl Bus for RedisBus {
             .scripts
             .history(&self.inner.commands, room, since)
             .await
+    }
+
+    async fn presence(&self, _room: &RoomName, _max: usize) -> Result<PresenceSnapshot, BusError> {
+        // Filled in with presence (issue 13).
+        Ok(PresenceSnapshot::default())
     }
 
     fn is_ready(&self) -> bool {
