@@ -82,6 +82,10 @@ enum Expected {
         token: String,
         reference: Option<String>,
     },
+    Typing {
+        room: String,
+        reference: Option<String>,
+    },
     Refused {
         code: ErrorCode,
         reference: Option<String>,
@@ -118,6 +122,10 @@ fn observed(result: Result<ClientFrame, FrameError>) -> Expected {
             reference,
         },
         Ok(ClientFrame::Refresh { token, reference }) => Expected::Refresh { token, reference },
+        Ok(ClientFrame::Typing { room, reference }) => Expected::Typing {
+            room: room.as_str().to_owned(),
+            reference,
+        },
         Err(e) => Expected::Refused {
             code: e.code,
             reference: e.reference,
@@ -221,6 +229,10 @@ fn oracle(input: &str, limits: Limits) -> Expected {
             reference: reference.map(str::to_owned),
         }),
         Some("send") => room().map(|room| send(Some(room))),
+        Some("typing") => room().map(|room| Expected::Typing {
+            room,
+            reference: reference.map(str::to_owned),
+        }),
         Some("refresh") => match text_of(&m, "token") {
             Some(token) if !token.is_empty() => Ok(Expected::Refresh {
                 token: token.to_owned(),
@@ -273,6 +285,7 @@ fn kinds() -> BoxedStrategy<Value> {
         3 => Just("leave".to_string()),
         5 => Just("send".to_string()),
         2 => Just("refresh".to_string()),
+        2 => Just("typing".to_string()),
         // Unknown types.
         1 => prop_oneof![Just("JOIN".to_string()), Just(String::new()), "[a-z]{1,7}"],
     ]
@@ -409,6 +422,7 @@ fn outcome_label(e: &Expected) -> String {
         Expected::Send { room: Some(_), .. } => "ok send".into(),
         Expected::Send { room: None, .. } => "ok bare send".into(),
         Expected::Refresh { .. } => "ok refresh".into(),
+        Expected::Typing { .. } => "ok typing".into(),
         Expected::Refused { code, reference } => format!(
             "refused {code} {}",
             if reference.is_some() {
