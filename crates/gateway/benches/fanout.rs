@@ -12,7 +12,7 @@ use std::{
 use bytes::Bytes;
 use chat_gateway::{
     bus::{BusEvent, BusEvents, Msg, memory::MemoryBus},
-    hub::Hub,
+    hub::{Hub, MemberInfo},
     transport::{Bounds, Outbox, Socket, WriteScheduler},
 };
 use chat_protocol::{MessageTemplate, RoomName};
@@ -49,10 +49,19 @@ fn fanout(c: &mut Criterion) {
     rt.block_on(async {
         for conn in 0..MEMBERS as u64 {
             let outbox = Arc::new(Outbox::new(Box::new(Discard), bounds));
-            hub.join(&room, conn, outbox, &store)
-                .await
-                .unwrap_or_else(|e| panic!("join: {e}"));
-            hub.go_live(&room, conn, 0, None, |_| None);
+            hub.join(
+                &room,
+                conn,
+                outbox,
+                MemberInfo {
+                    user: Arc::from("u"),
+                    signals: true,
+                },
+                &store,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("join: {e}"));
+            hub.go_live(&room, conn, 0, None, |_| Vec::new());
         }
     });
     let json = Bytes::from(

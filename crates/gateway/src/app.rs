@@ -29,6 +29,7 @@ use crate::{
     },
     config::Config,
     hub::Hub,
+    presence::{self, Presence},
     routes::router,
     state::AppState,
     transport::WriteScheduler,
@@ -207,7 +208,13 @@ fn start(config: Config) -> Result<Arc<AppState>, AppError> {
     let (repair_hub, repair_bus) = (hub.clone(), bus.clone());
     // Lives as long as the process (it only ever waits or reads history).
     tokio::spawn(async move { repair_hub.run_repairs(&repair_bus).await });
-    Ok(Arc::new(AppState::new(config, hub, bus, auth)))
+    let presence = Arc::new(Presence::new(
+        config.presence,
+        config.presence_ttl,
+        config.presence_max_users,
+    ));
+    presence::spawn_renewals(presence.clone(), bus.clone());
+    Ok(Arc::new(AppState::new(config, hub, bus, auth, presence)))
 }
 
 /// Accepts HTTP/1.1 connections until `stop` resolves, with the default header timeout

@@ -8,11 +8,13 @@
 //! environment. See `docs/architecture.md` and `CONTRIBUTING.md`.
 
 pub mod admission;
+pub mod api;
 pub mod app;
 pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod hub;
+pub mod presence;
 pub mod routes;
 pub mod session;
 pub mod state;

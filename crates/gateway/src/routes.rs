@@ -1,5 +1,5 @@
 //! The HTTP routes: the two WebSocket endpoints (admission, then the upgrade into a
-//! session), the health checks, and the web client's files.
+//! session), the health checks, the server API (`api.rs`), and the web client's files.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 
 use crate::{
     admission::{Refusal, client_ip},
+    api,
     auth::Principal,
     bus::Bus,
     session::{self, ConnectParams, Endpoint},
@@ -33,6 +34,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(api::router(&state))
         .fallback_service(web::files(state.clone()))
         .with_state(state)
 }

@@ -9,8 +9,8 @@ use std::sync::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    admission::ConnectionLimit, auth::Auth, bus::AnyBus, config::Config, hub::Hub, transport,
-    transport::ConnId,
+    admission::ConnectionLimit, auth::Auth, bus::AnyBus, config::Config, hub::Hub,
+    presence::Presence, transport, transport::ConnId,
 };
 
 /// The instance's shared state.
@@ -26,6 +26,8 @@ pub struct AppState {
     pub bus: AnyBus,
     /// Token verification; `None` when authentication is off.
     pub auth: Option<Arc<Auth>>,
+    /// Who is here, as this instance sees it.
+    pub presence: Arc<Presence>,
     /// Cancelled when the instance starts shutting down.
     pub shutdown: CancellationToken,
     /// Every WebSocket task, so shutdown can wait for them.
@@ -37,7 +39,13 @@ pub struct AppState {
 
 impl AppState {
     /// Shared state around a started hub and bus.
-    pub fn new(config: Config, hub: Arc<Hub>, bus: AnyBus, auth: Option<Arc<Auth>>) -> Self {
+    pub fn new(
+        config: Config,
+        hub: Arc<Hub>,
+        bus: AnyBus,
+        auth: Option<Arc<Auth>>,
+        presence: Arc<Presence>,
+    ) -> Self {
         let transport = transport::Settings {
             bounds: transport::Bounds {
                 live: config.client_queue,
@@ -59,6 +67,7 @@ impl AppState {
             hub,
             bus,
             auth,
+            presence,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             next_conn: AtomicU64::new(0),

@@ -142,8 +142,21 @@ impl WsClient {
         self.send_json(frame).await
     }
 
-    /// The next text frame, skipping pings and pongs. Fails on close or after [`WAIT`].
+    /// The next text frame that is not a presence or typing signal (see
+    /// [`WsClient::recv_any_text`]). Most tests are about the message stream and must
+    /// not trip over who-is-online frames, which arrive whenever someone joins.
     pub async fn recv_text(&mut self) -> anyhow::Result<String> {
+        loop {
+            let text = self.recv_any_text().await?;
+            if !is_signal(&text) {
+                return Ok(text);
+            }
+        }
+    }
+
+    /// The next text frame of any type, skipping pings and pongs. Fails on close or
+    /// after [`WAIT`].
+    pub async fn recv_any_text(&mut self) -> anyhow::Result<String> {
         loop {
             let next = tokio::time::timeout(WAIT, self.ws.next())
                 .await
@@ -159,9 +172,15 @@ impl WsClient {
         }
     }
 
-    /// The next frame, decoded.
+    /// The next frame that is not a presence or typing signal, decoded.
     pub async fn recv(&mut self) -> anyhow::Result<ServerFrame> {
         let text = self.recv_text().await?;
+        serde_json::from_str(&text).with_context(|| format!("undecodable frame {text}"))
+    }
+
+    /// The next frame of any type, presence and typing included, decoded.
+    pub async fn recv_any(&mut self) -> anyhow::Result<ServerFrame> {
+        let text = self.recv_any_text().await?;
         serde_json::from_str(&text).with_context(|| format!("undecodable frame {text}"))
     }
 
@@ -240,4 +259,14 @@ impl WsClient {
     pub fn inner(&mut self) -> &mut WebSocketStream<MaybeTlsStream<TcpStream>> {
         &mut self.ws
     }
+}
+
+/// Whether a server frame is a presence or typing signal rather than part of the
+/// message stream.
+pub fn is_signal(text: &str) -> bool {
+    let head: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+    matches!(
+        head.get("type").and_then(|t| t.as_str()),
+        Some("presence" | "presence_diff" | "typing")
+    )
 }

@@ -18,7 +18,7 @@ mod proxy;
 mod redis;
 mod topology;
 
-pub use client::{Joined, WsClient};
+pub use client::{Joined, WsClient, is_signal};
 pub use gateway::TestGateway;
 pub use process::GatewayProcess;
 pub use proxy::RedisProxy;

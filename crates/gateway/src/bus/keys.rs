@@ -38,6 +38,21 @@ impl Keys {
         format!("{}:{{{room}}}:sent:{digest}", self.prefix)
     }
 
+    /// `chat:{R}:presence` — leases: `INSTANCE\x1fUSER` scored by expiry (ms).
+    pub fn presence(&self, room: &RoomName) -> String {
+        format!("{}:{{{room}}}:presence", self.prefix)
+    }
+
+    /// `chat:{R}:presence:users` — user → its `{"user","name"}` JSON.
+    pub fn presence_users(&self, room: &RoomName) -> String {
+        format!("{}:{{{room}}}:presence:users", self.prefix)
+    }
+
+    /// `chat:{R}:presence:count` — user → how many instances hold a lease.
+    pub fn presence_count(&self, room: &RoomName) -> String {
+        format!("{}:{{{room}}}:presence:count", self.prefix)
+    }
+
     /// `chat:{R}` — the live channel.
     pub fn channel(&self, room: &RoomName) -> String {
         format!("{}:{{{room}}}", self.prefix)

@@ -16,14 +16,15 @@ use std::{
     collections::{HashMap, VecDeque},
     fmt,
     sync::{Arc, Mutex},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
-use chat_protocol::{MessageTemplate, RoomName};
+use chat_protocol::{MessageTemplate, PresenceUser, RoomName};
 
 use super::{
-    Bus, BusError, BusEvent, BusEvents, Dedupe, Epoch, History, Msg, Page, PresenceSnapshot, Published, new_epoch,
+    Bus, BusError, BusEvent, BusEvents, Dedupe, Epoch, History, Msg, Page, PresenceSnapshot,
+    Published, new_epoch, presence_diff,
 };
 use crate::sync::lock;
 
@@ -57,6 +58,8 @@ struct Inner {
     events: Arc<dyn BusEvents>,
     /// Idempotent sends: (room, dedupe key) → the stored message, until it expires.
     sent: Mutex<Sent>,
+    /// Who is in each room (rooms with nobody are not kept).
+    present: Mutex<HashMap<RoomName, HashMap<String, PresenceUser>>>,
 }
 
 /// A room's queued messages, to be handed to the events handler by the publisher that
@@ -140,6 +143,7 @@ impl MemoryBus {
                 history_size,
                 events,
                 sent: Mutex::default(),
+                present: Mutex::default(),
             }),
         }
     }
@@ -238,6 +242,15 @@ impl MemoryBus {
         (stored, handover)
     }
 
+    /// Hands a presence diff to the events handler (outside any lock).
+    fn announce(&self, room: &RoomName, json: Bytes) {
+        self.inner.events.deliver(&mut vec![BusEvent::Signal {
+            room: room.clone(),
+            json,
+            except: None,
+        }]);
+    }
+
     /// Rooms this bus remembers (tests).
     pub fn room_count(&self) -> usize {
         lock(&self.inner.rooms).len()
@@ -296,6 +309,16 @@ impl Bus for MemoryBus {
         before: Option<u64>,
         limit: usize,
     ) -> Result<Page, BusError> {
+        // Reading a room nobody has written to must not make the bus hold an entry
+        // for it: the read API lets anyone name any room.
+        if !lock(&self.inner.rooms).contains_key(room) {
+            return Ok(Page {
+                top: 0,
+                epoch: None,
+                messages: Vec::new(),
+                has_more: false,
+            });
+        }
         let (page, _) = self.with_log(room, |log| {
             let first = (log.seq + 1).saturating_sub(log.history.len() as u64);
             let last = before.map_or(log.seq, |b| b.saturating_sub(1).min(log.seq));
@@ -349,9 +372,74 @@ impl Bus for MemoryBus {
         Ok(history)
     }
 
-    async fn presence(&self, _room: &RoomName, _max: usize) -> Result<PresenceSnapshot, BusError> {
-        // Filled in with presence (issue 13).
-        Ok(PresenceSnapshot::default())
+    async fn presence(&self, room: &RoomName, max: usize) -> Result<PresenceSnapshot, BusError> {
+        let present = lock(&self.inner.present);
+        let users = present.get(room);
+        Ok(PresenceSnapshot {
+            count: users.map_or(0, |u| u.len() as u64),
+            users: users
+                .map(|u| u.values().take(max).cloned().collect())
+                .unwrap_or_default(),
+        })
+    }
+
+    async fn presence_enter(
+        &self,
+        room: &RoomName,
+        user: &PresenceUser,
+        _lease: Duration,
+    ) -> Result<(), BusError> {
+        // One instance: no leases to keep.
+        let new = lock(&self.inner.present)
+            .entry(room.clone())
+            .or_default()
+            .insert(user.user.clone(), user.clone())
+            .is_none();
+        if new {
+            self.announce(room, presence_diff(room, vec![user.clone()], vec![]));
+        }
+        Ok(())
+    }
+
+    async fn presence_exit(&self, room: &RoomName, user: &PresenceUser) -> Result<(), BusError> {
+        let gone = {
+            let mut present = lock(&self.inner.present);
+            let gone = present
+                .get_mut(room)
+                .and_then(|users| users.remove(&user.user))
+                .is_some();
+            if present.get(room).is_some_and(HashMap::is_empty) {
+                present.remove(room);
+            }
+            gone
+        };
+        if gone {
+            self.announce(room, presence_diff(room, vec![], vec![user.clone()]));
+        }
+        Ok(())
+    }
+
+    async fn presence_renew(
+        &self,
+        _room: &RoomName,
+        _users: &[PresenceUser],
+        _lease: Duration,
+    ) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    async fn signal(
+        &self,
+        room: &RoomName,
+        json: Bytes,
+        except: Option<Arc<str>>,
+    ) -> Result<(), BusError> {
+        self.inner.events.deliver(&mut vec![BusEvent::Signal {
+            room: room.clone(),
+            json,
+            except,
+        }]);
+        Ok(())
     }
 
     fn is_ready(&self) -> bool {
@@ -463,6 +551,11 @@ mod tests {
         assert_eq!((ids(&last), last.has_more), (vec![16, 17], false));
         let none = bus.page(&room, Some(16), 4).await.unwrap();
         assert_eq!((ids(&none), none.has_more), (vec![], false));
+        // A room nobody wrote to reads as empty and is not created by the read.
+        let unknown = RoomName::new("never").unwrap();
+        let empty = bus.page(&unknown, None, 4).await.unwrap();
+        assert_eq!((empty.top, empty.messages.len()), (0, 0));
+        assert!(!lock(&bus.inner.rooms).contains_key(&unknown));
     }
 
     #[tokio::test]

@@ -171,6 +171,40 @@ pub enum BusEvent {
         /// The room.
         room: RoomName,
     },
+    /// An ephemeral frame for the room's members (a `presence_diff`, a `typing`): not
+    /// stored, no id, not for `/websocket` clients.
+    Signal {
+        /// The room.
+        room: RoomName,
+        /// The frame's JSON.
+        json: Bytes,
+        /// Not for this user's own connections (who is typing).
+        except: Option<std::sync::Arc<str>>,
+    },
+}
+
+/// The JSON of a `presence_diff` frame.
+pub fn presence_diff(
+    room: &RoomName,
+    joined: Vec<chat_protocol::PresenceUser>,
+    left: Vec<chat_protocol::PresenceUser>,
+) -> Bytes {
+    let frame = chat_protocol::ServerFrame::PresenceDiff {
+        room: room.to_string(),
+        joined,
+        left,
+    };
+    Bytes::from(frame.to_json())
+}
+
+/// A pub/sub payload that is a signal, told apart from a message by its `type`.
+#[derive(Debug, Deserialize)]
+pub struct SignalHead {
+    /// `presence_diff` or `typing`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Who is typing.
+    pub user: Option<String>,
 }
 
 /// The handler a bus reports to (the hub). Implementations never block.
@@ -246,12 +280,48 @@ pub trait Bus: Send + Sync {
         limit: usize,
     ) -> impl Future<Output = Result<Page, BusError>> + Send;
 
-    /// Who is in `room` (at most `max` of them listed).
+    /// Who is in `room` (at most `max` of them listed). Leases that ran out are dropped
+    /// first (and reported `left`).
     fn presence(
         &self,
         room: &RoomName,
         max: usize,
     ) -> impl Future<Output = Result<PresenceSnapshot, BusError>> + Send;
+
+    /// This instance has `user` in `room` (its first local connection there), for `lease`
+    /// unless renewed: the room hears `joined` if no instance had them.
+    fn presence_enter(
+        &self,
+        room: &RoomName,
+        user: &chat_protocol::PresenceUser,
+        lease: std::time::Duration,
+    ) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// This instance no longer has `user` in `room`: the room hears `left` if no instance
+    /// has them any more.
+    fn presence_exit(
+        &self,
+        room: &RoomName,
+        user: &chat_protocol::PresenceUser,
+    ) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// Renews this instance's leases of `users` in `room`, and drops the leases in the
+    /// room that ran out (another instance died), reporting those users `left`.
+    fn presence_renew(
+        &self,
+        room: &RoomName,
+        users: &[chat_protocol::PresenceUser],
+        lease: std::time::Duration,
+    ) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// Sends an ephemeral frame to `room`'s members on every instance (see
+    /// [`BusEvent::Signal`]).
+    fn signal(
+        &self,
+        room: &RoomName,
+        json: Bytes,
+        except: Option<std::sync::Arc<str>>,
+    ) -> impl Future<Output = Result<(), BusError>> + Send;
 
     /// Whether the bus can serve requests now (drives `/readyz`).
     fn is_ready(&self) -> bool;
@@ -332,6 +402,53 @@ impl Bus for AnyBus {
         match self {
             AnyBus::Memory(b) => b.presence(room, max).await,
             AnyBus::Redis(b) => b.presence(room, max).await,
+        }
+    }
+
+    async fn presence_enter(
+        &self,
+        room: &RoomName,
+        user: &chat_protocol::PresenceUser,
+        lease: std::time::Duration,
+    ) -> Result<(), BusError> {
+        match self {
+            AnyBus::Memory(b) => b.presence_enter(room, user, lease).await,
+            AnyBus::Redis(b) => b.presence_enter(room, user, lease).await,
+        }
+    }
+
+    async fn presence_exit(
+        &self,
+        room: &RoomName,
+        user: &chat_protocol::PresenceUser,
+    ) -> Result<(), BusError> {
+        match self {
+            AnyBus::Memory(b) => b.presence_exit(room, user).await,
+            AnyBus::Redis(b) => b.presence_exit(room, user).await,
+        }
+    }
+
+    async fn presence_renew(
+        &self,
+        room: &RoomName,
+        users: &[chat_protocol::PresenceUser],
+        lease: std::time::Duration,
+    ) -> Result<(), BusError> {
+        match self {
+            AnyBus::Memory(b) => b.presence_renew(room, users, lease).await,
+            AnyBus::Redis(b) => b.presence_renew(room, users, lease).await,
+        }
+    }
+
+    async fn signal(
+        &self,
+        room: &RoomName,
+        json: Bytes,
+        except: Option<std::sync::Arc<str>>,
+    ) -> Result<(), BusError> {
+        match self {
+            AnyBus::Memory(b) => b.signal(room, json, except).await,
+            AnyBus::Redis(b) => b.signal(room, json, except).await,
         }
     }
 

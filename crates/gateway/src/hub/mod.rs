@@ -54,8 +54,19 @@ pub enum GoLive {
 /// spawn it.
 pub type Release = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
+/// Who a member is, for ephemeral frames.
+#[derive(Clone, Debug)]
+pub struct MemberInfo {
+    /// The member's user id (its own `typing` is not sent back to it).
+    pub user: Arc<str>,
+    /// Whether it takes ephemeral frames (`presence_diff`, `typing`): not `/websocket`
+    /// clients, which render every frame as a chat line.
+    pub signals: bool,
+}
+
 struct Member {
     outbox: Arc<Outbox>,
+    info: MemberInfo,
     /// `Some` while the member's history replay is in progress.
     joining: Option<Buffer>,
     /// The last id this member was given (live members only).
@@ -68,6 +79,9 @@ struct Member {
 #[derive(Default)]
 struct Buffer {
     msgs: Vec<Msg>,
+    /// Ephemeral frames for a joining member, after its `joined` (at most the cap; extra
+    /// ones are dropped: a presence snapshot follows anyway).
+    signals: Vec<Bytes>,
     overflowed: bool,
     /// A new epoch began meanwhile (its ids restart at 1).
     new_epoch: Option<Epoch>,
@@ -82,6 +96,12 @@ impl Buffer {
             self.overflowed = true;
         } else {
             self.msgs.push(msg.clone());
+        }
+    }
+
+    fn push_signal(&mut self, json: &Bytes, cap: usize) {
+        if self.signals.len() < cap {
+            self.signals.push(json.clone());
         }
     }
 }
@@ -184,6 +204,7 @@ impl Hub {
         room: &RoomName,
         conn: ConnId,
         outbox: Arc<Outbox>,
+        info: MemberInfo,
         bus: &B,
     ) -> Result<(), BusError> {
         let entry = {
@@ -202,6 +223,7 @@ impl Hub {
                 conn,
                 Member {
                     outbox,
+                    info,
                     joining: Some(Buffer::default()),
                     last: 0,
                     epoch: None,
@@ -218,16 +240,17 @@ impl Hub {
         Ok(())
     }
 
-    /// Finishes a join: queues the buffered live messages with id > `after`, then the frame
-    /// `joined(last_id)` builds (if any), and makes the member live — all under the room's
-    /// lock, so no live message can slip in between.
+    /// Finishes a join: queues the buffered live messages with id > `after`, then the frames
+    /// `joined(last_id)` builds (`joined`, `presence`), then the ephemeral frames that came
+    /// meanwhile, and makes the member live — all under the room's lock, so no live message
+    /// can slip in between.
     pub fn go_live(
         &self,
         room: &RoomName,
         conn: ConnId,
         after: u64,
         epoch: Option<Epoch>,
-        joined: impl FnOnce(u64) -> Option<Bytes>,
+        joined: impl FnOnce(u64) -> Vec<Bytes>,
     ) -> GoLive {
         let Some(entry) = self.room(room.as_str()) else {
             return GoLive::Gone;
@@ -270,10 +293,15 @@ impl Hub {
                 return GoLive::Gone;
             }
         }
-        if let Some(frame) = joined(last_id)
-            && member.outbox.push(frame, Class::Reply).is_err()
-        {
-            return GoLive::Gone;
+        for frame in joined(last_id) {
+            if member.outbox.push(frame, Class::Reply).is_err() {
+                return GoLive::Gone;
+            }
+        }
+        for json in std::mem::take(&mut buffer.signals) {
+            if member.outbox.push(frame::text(&json), Class::Live).is_err() {
+                return GoLive::Gone;
+            }
         }
         member.joining = None;
         member.last = last_id;
@@ -372,6 +400,37 @@ impl Hub {
         }
     }
 
+    /// Queues an ephemeral frame for the room's members that take them (not `except`'s
+    /// own connections), framed once; joining members get it after their `joined`.
+    fn signal(
+        &self,
+        room: &RoomName,
+        json: &Bytes,
+        except: Option<&str>,
+        pending: &mut PendingWrites,
+    ) {
+        let Some(entry) = self.room(room.as_str()) else {
+            return;
+        };
+        let cap = self.buffer_cap;
+        let mut wire: Option<Bytes> = None;
+        let mut st = entry.state();
+        for member in st.members.values_mut() {
+            if !member.info.signals || except == Some(&*member.info.user) {
+                continue;
+            }
+            match member.joining.as_mut() {
+                Some(buffer) => buffer.push_signal(json, cap),
+                None => {
+                    let wire = wire.get_or_insert_with(|| frame::text(json));
+                    // A refusal closed the outbox (too slow): nothing more to do for it.
+                    let _ = member.outbox.push(wire.clone(), Class::Live);
+                    pending.add(&member.outbox);
+                }
+            }
+        }
+    }
+
     /// A new epoch began in `room` (its ids restart at 1): members that hold ids of an
     /// older epoch are closed with 1013 and resume with `since` and their epoch, and are
     /// told `recovered:false`. Members of an empty room simply adopt the epoch.
@@ -423,6 +482,9 @@ impl BusEvents for Hub {
                 BusEvent::NewEpoch { room, epoch } => self.new_epoch(&room, epoch),
                 BusEvent::Lost => self.repair_all(),
                 BusEvent::LostRoom { room } => self.repair_room(&room),
+                BusEvent::Signal { room, json, except } => {
+                    self.signal(&room, &json, except.as_deref(), &mut pending);
+                }
             }
         }
         self.writes.submit(pending);
@@ -438,6 +500,14 @@ pub(crate) mod tests {
         bus::memory::MemoryBus,
         transport::{Bounds, CaptureSocket},
     };
+
+    /// A member as the tests join it.
+    pub(crate) fn tests_info() -> MemberInfo {
+        MemberInfo {
+            user: Arc::from("u"),
+            signals: true,
+        }
+    }
 
     pub(crate) fn hub() -> Arc<Hub> {
         Arc::new(Hub::new(16, WriteScheduler::immediate()))
@@ -497,9 +567,16 @@ pub(crate) mod tests {
         let hub = hub();
         let (live, live_socket) = member();
         let (late, late_socket) = member();
-        hub.join(&room, 1, live.clone(), &bus).await.unwrap();
-        assert_eq!(hub.go_live(&room, 1, 0, None, |_| None), GoLive::Live(0));
-        hub.join(&room, 2, late.clone(), &bus).await.unwrap();
+        hub.join(&room, 1, live.clone(), tests_info(), &bus)
+            .await
+            .unwrap();
+        assert_eq!(
+            hub.go_live(&room, 1, 0, None, |_| Vec::new()),
+            GoLive::Live(0)
+        );
+        hub.join(&room, 2, late.clone(), tests_info(), &bus)
+            .await
+            .unwrap();
         for msg in &msgs[..3] {
             dispatch(&hub, msg);
         }
@@ -508,7 +585,7 @@ pub(crate) mod tests {
         assert_eq!(written_ids(&late, &late_socket), Vec::<u64>::new());
         // The late member replayed up to 1: it gets 2 and 3 from its buffer, then joined.
         let joined = hub.go_live(&room, 2, 1, None, |last| {
-            Some(frame::text(format!("joined {last}").as_bytes()))
+            vec![frame::text(format!("joined {last}").as_bytes())]
         });
         assert_eq!(joined, GoLive::Live(3));
         late.write_or_defer();
@@ -525,8 +602,10 @@ pub(crate) mod tests {
         let (bus, msgs, room) = store(100, 40).await;
         let hub = hub(); // CLIENT_QUEUE 16
         let (outbox_16, socket) = member_with(16);
-        hub.join(&room, 1, outbox_16.clone(), &bus).await.unwrap();
-        hub.go_live(&room, 1, 0, None, |_| None);
+        hub.join(&room, 1, outbox_16.clone(), tests_info(), &bus)
+            .await
+            .unwrap();
+        hub.go_live(&room, 1, 0, None, |_| Vec::new());
         let mut batch: Vec<BusEvent> = msgs
             .iter()
             .map(|m| BusEvent::Message {
@@ -554,7 +633,9 @@ pub(crate) mod tests {
             .collect();
         let hub = hub();
         let (outbox, socket) = member();
-        hub.join(&room, 1, outbox.clone(), &bus).await.unwrap();
+        hub.join(&room, 1, outbox.clone(), tests_info(), &bus)
+            .await
+            .unwrap();
         dispatch(&hub, &old_msgs[0]); // old 1
         dispatch(&hub, &old_msgs[1]); // old 2
         hub.deliver(&mut vec![BusEvent::NewEpoch {
@@ -565,7 +646,7 @@ pub(crate) mod tests {
         dispatch(&hub, &new_msgs[1]);
         // The member replayed the new epoch's (empty) history: it gets new 1 and 2, not
         // the old 1 and 2 that were buffered before the notice.
-        let live = hub.go_live(&room, 1, 0, Some(Epoch::from("e2")), |_| None);
+        let live = hub.go_live(&room, 1, 0, Some(Epoch::from("e2")), |_| Vec::new());
         assert_eq!(live, GoLive::Live(2));
         outbox.write_or_defer();
         assert_eq!(
@@ -580,10 +661,14 @@ pub(crate) mod tests {
         let hub = hub();
         let (old, _) = member();
         let (fresh, _) = member();
-        hub.join(&room, 1, old.clone(), &bus).await.unwrap();
-        hub.go_live(&room, 1, 0, Some(Epoch::from("e1")), |_| None);
+        hub.join(&room, 1, old.clone(), tests_info(), &bus)
+            .await
+            .unwrap();
+        hub.go_live(&room, 1, 0, Some(Epoch::from("e1")), |_| Vec::new());
         dispatch(&hub, &msgs[0]);
-        hub.join(&room, 2, fresh.clone(), &bus).await.unwrap();
+        hub.join(&room, 2, fresh.clone(), tests_info(), &bus)
+            .await
+            .unwrap();
         hub.deliver(&mut vec![BusEvent::NewEpoch {
             room: room.clone(),
             epoch: Epoch::from("e2"),
@@ -591,7 +676,7 @@ pub(crate) mod tests {
         assert_eq!(old.closing(), Some(CloseReason::TooSlow));
         // A join whose replay was from the old epoch is closed at its hand-over...
         assert_eq!(
-            hub.go_live(&room, 2, 0, Some(Epoch::from("e1")), |_| None),
+            hub.go_live(&room, 2, 0, Some(Epoch::from("e1")), |_| Vec::new()),
             GoLive::Gone
         );
         assert_eq!(fresh.closing(), Some(CloseReason::TooSlow));

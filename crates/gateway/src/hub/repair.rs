@@ -161,7 +161,7 @@ impl Hub {
 mod tests {
     use super::super::{
         GoLive,
-        tests::{dispatch, hub, member, store, written_ids},
+        tests::{dispatch, hub, member, store, tests_info, written_ids},
     };
     use super::*;
 
@@ -170,8 +170,13 @@ mod tests {
         let (bus, msgs, room) = store(100, 6).await;
         let hub = hub();
         let (outbox, socket) = member();
-        hub.join(&room, 1, outbox.clone(), &bus).await.unwrap();
-        assert_eq!(hub.go_live(&room, 1, 1, None, |_| None), GoLive::Live(1));
+        hub.join(&room, 1, outbox.clone(), tests_info(), &bus)
+            .await
+            .unwrap();
+        assert_eq!(
+            hub.go_live(&room, 1, 1, None, |_| Vec::new()),
+            GoLive::Live(1)
+        );
         dispatch(&hub, &msgs[1]); // 2
         dispatch(&hub, &msgs[1]); // 2 again: dropped
         dispatch(&hub, &msgs[4]); // 5: 3 and 4 were lost
@@ -190,8 +195,10 @@ mod tests {
         let (bus, _, room) = store(3, 8).await;
         let hub = hub();
         let (outbox, _) = member();
-        hub.join(&room, 1, outbox.clone(), &bus).await.unwrap();
-        hub.go_live(&room, 1, 2, None, |_| None);
+        hub.join(&room, 1, outbox.clone(), tests_info(), &bus)
+            .await
+            .unwrap();
+        hub.go_live(&room, 1, 2, None, |_| Vec::new());
         hub.repair_all();
         hub.repair(&room, &bus).await.unwrap();
         assert_eq!(outbox.closing(), Some(CloseReason::TooSlow));
@@ -203,10 +210,12 @@ mod tests {
         let (bus, _, room) = store(100, 8).await;
         let hub = hub();
         let (outbox, socket) = member();
-        hub.join(&room, 1, outbox.clone(), &bus).await.unwrap();
+        hub.join(&room, 1, outbox.clone(), tests_info(), &bus)
+            .await
+            .unwrap();
         let old = crate::bus::Epoch::from("old-epoch");
         assert_eq!(
-            hub.go_live(&room, 1, 5, Some(old), |_| None),
+            hub.go_live(&room, 1, 5, Some(old), |_| Vec::new()),
             GoLive::Live(5)
         );
         hub.repair_all();
@@ -220,10 +229,15 @@ mod tests {
         let (bus, msgs, room) = store(100, 5).await;
         let hub = hub();
         let (outbox, socket) = member();
-        hub.join(&room, 1, outbox.clone(), &bus).await.unwrap();
+        hub.join(&room, 1, outbox.clone(), tests_info(), &bus)
+            .await
+            .unwrap();
         dispatch(&hub, &msgs[2]); // 3
         dispatch(&hub, &msgs[4]); // 5 (4 lost)
-        assert_eq!(hub.go_live(&room, 1, 2, None, |_| None), GoLive::Live(3));
+        assert_eq!(
+            hub.go_live(&room, 1, 2, None, |_| Vec::new()),
+            GoLive::Live(3)
+        );
         assert_eq!(written_ids(&outbox, &socket), [3]);
         hub.repair(&room, &bus).await.unwrap();
         assert_eq!(written_ids(&outbox, &socket), [4, 5]);

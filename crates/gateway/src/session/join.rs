@@ -5,9 +5,11 @@ use chat_protocol::{ErrorCode, FrameError, RoomName, ServerFrame};
 use tracing::{debug, warn};
 
 use super::Session;
+use std::sync::Arc;
+
 use crate::{
     bus::{Bus, Epoch, History, Msg},
-    hub::GoLive,
+    hub::{GoLive, MemberInfo},
     transport::{CloseReason, frame},
 };
 
@@ -65,13 +67,18 @@ impl Session {
         let state = self.state.clone();
         // The bus calls are boxed: their futures are several KB each (fred inside), and
         // inline they would make every frame's future (and so its box) that large.
-        let registered = Box::pin(state.hub.join(
-            &room,
-            self.conn,
-            self.outbox.clone(),
-            &state.bus,
-        ))
-        .await;
+        let me = self.who();
+        let info = MemberInfo {
+            user: Arc::from(me.user.as_str()),
+            signals: !self.legacy,
+        };
+        let registered =
+            Box::pin(
+                state
+                    .hub
+                    .join(&room, self.conn, self.outbox.clone(), info, &state.bus),
+            )
+            .await;
         if let Err(err) = registered {
             warn!(%room, error = %err, "join failed");
             return self.abort_join(&room, reference).await;
@@ -124,17 +131,26 @@ impl Session {
                 }
             }
             let legacy = self.legacy;
+            // Read after the subscription is active: the diffs that follow it are
+            // delivered after it (go_live keeps them for this member until then).
+            let presence = match legacy {
+                true => None,
+                false => Box::pin(state.presence.snapshot(&state.bus, &room)).await,
+            };
             let room_epoch = plan.epoch.clone();
             let joined = |last_id| {
-                (!legacy).then(|| {
-                    let joined = ServerFrame::Joined {
-                        room: room.to_string(),
-                        last_id,
-                        recovered,
-                        epoch: room_epoch.as_deref().map(str::to_owned),
-                    };
-                    frame::text(joined.to_json().as_bytes())
-                })
+                if legacy {
+                    return Vec::new();
+                }
+                let joined = ServerFrame::Joined {
+                    room: room.to_string(),
+                    last_id,
+                    recovered,
+                    epoch: room_epoch.as_deref().map(str::to_owned),
+                };
+                let mut frames = vec![frame::text(joined.to_json().as_bytes())];
+                frames.extend(presence.as_deref().map(frame::text));
+                frames
             };
             let go = state
                 .hub
@@ -145,6 +161,7 @@ impl Session {
                     if let Some(entry) = self.rooms.iter_mut().find(|(r, _)| *r == room) {
                         entry.1 = true;
                     }
+                    Box::pin(state.presence.enter(&state.bus, &room, &me)).await;
                     return;
                 }
                 GoLive::Retry => {

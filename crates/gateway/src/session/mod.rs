@@ -16,8 +16,8 @@ mod refresh;
 use std::{future::Future, sync::Arc, time::Duration};
 
 use chat_protocol::{
-    ClientFrame, ErrorCode, FrameError, Limits, MessageTemplate, RoomName, ServerFrame, Username,
-    parse_client_frame,
+    ClientFrame, ErrorCode, FrameError, Limits, MessageTemplate, PresenceUser, RoomName,
+    ServerFrame, Username, parse_client_frame,
 };
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +30,7 @@ use rate_limit::RateLimit;
 use crate::{
     auth::Principal,
     bus::{Bus, Dedupe},
+    presence::typing_json,
     state::AppState,
     transport::{CloseReason, ConnId, Connection, Outbox, Reader, Upgraded, frame},
 };
@@ -288,6 +289,8 @@ impl Session {
         if let Some(release) = self.state.hub.leave(&room, self.conn, &self.state.bus) {
             release.await;
         }
+        let me = self.who();
+        Box::pin(self.state.presence.exit(&self.state.bus, &room, &me)).await;
         self.reply(ServerFrame::Left {
             room: room.to_string(),
         })
@@ -377,9 +380,30 @@ impl Session {
         }
     }
 
-    /// Relays "typing" to the room's other members (see `presence`).
-    async fn typing(&mut self, _room: RoomName, _reference: Option<String>) {
-        // Filled in with presence and typing (issue 13).
+    /// Relays "typing" to the room's other members, on every instance: not stored, at
+    /// most one per user and room every 2 s (extras are dropped silently, not refused).
+    async fn typing(&mut self, room: RoomName, reference: Option<String>) {
+        if !self.rooms.iter().any(|(r, live)| *r == room && *live) {
+            let err = FrameError::new(ErrorCode::NotJoined, format!("join {room} first"));
+            return self.refuse(err.with_ref(reference)).await;
+        }
+        if !self.principal.may_write() {
+            let err = FrameError::new(
+                ErrorCode::Unauthorized,
+                "this connection has no token: it may read, not type",
+            );
+            return self.refuse(err.with_ref(reference)).await;
+        }
+        let me = self.who();
+        if !self.state.presence.may_type(&room, &me.user) {
+            return;
+        }
+        let json = typing_json(&room, &me);
+        let sent = Box::pin(self.state.bus.signal(&room, json, Some(Arc::from(me.user)))).await;
+        if let Err(err) = sent {
+            // Typing is best-effort: nothing to retry, nothing to tell.
+            debug!(%room, error = %err, "typing not relayed");
+        }
     }
 
     async fn refuse(&mut self, err: FrameError) {
@@ -408,10 +432,34 @@ impl Session {
     }
 
     fn leave_all(&mut self) {
-        for (room, _) in self.rooms.drain(..) {
+        let me = self.who();
+        for (room, live) in self.rooms.drain(..) {
             if let Some(release) = self.state.hub.leave(&room, self.conn, &self.state.bus) {
                 tokio::spawn(release);
             }
+            if live {
+                let (state, me) = (self.state.clone(), me.clone());
+                tokio::spawn(async move { state.presence.exit(&state.bus, &room, &me).await });
+            }
+        }
+    }
+
+    /// Who this connection is in presence lists and `typing`: the token's user, or
+    /// `anon-<instance>-<conn>` under its username.
+    fn who(&self) -> PresenceUser {
+        match self.principal.identity() {
+            Some(id) => PresenceUser {
+                user: id.user.clone(),
+                name: id.name.to_string(),
+            },
+            None => PresenceUser {
+                user: format!("anon-{}-{}", self.state.config.instance_id, self.conn),
+                name: self
+                    .username
+                    .as_ref()
+                    .map_or(ANONYMOUS, Username::as_str)
+                    .to_owned(),
+            },
         }
     }
 }

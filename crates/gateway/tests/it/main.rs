@@ -4,12 +4,14 @@
 //! `redis-server` per Redis-backed test (see `chat-testkit`).
 
 mod abuse;
+mod api;
 mod auth;
 mod cluster;
 mod fuzz;
 mod lifecycle;
 mod limits;
 mod multi;
+mod presence;
 mod process;
 mod promises;
 mod reliability;

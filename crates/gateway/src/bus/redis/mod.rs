@@ -18,6 +18,7 @@
 
 mod cluster;
 mod health;
+mod presence;
 mod reader;
 mod scripts;
 mod subscriptions;
@@ -33,7 +34,8 @@ use std::{
     time::Duration,
 };
 
-use chat_protocol::{MessageTemplate, RoomName};
+use bytes::Bytes;
+use chat_protocol::{MessageTemplate, PresenceUser, RoomName};
 use fred::{
     clients::SubscriberClient,
     prelude::*,
@@ -42,7 +44,9 @@ use fred::{
 use tokio::task::JoinHandle;
 use tracing::{error, warn};
 
-use super::{Bus, BusError, BusEvents, Dedupe, History, Page, PresenceSnapshot, Published, keys::Keys};
+use super::{
+    Bus, BusError, BusEvents, Dedupe, History, Page, PresenceSnapshot, Published, keys::Keys,
+};
 use crate::sync::{Backoff, lock};
 use scripts::Scripts;
 use subscriptions::{Owner, Subscriptions};
@@ -58,6 +62,7 @@ struct Inner {
     subscriber: SubscriberClient,
     keys: Keys,
     scripts: Scripts,
+    presence: presence::PresenceScripts,
     timeout: Duration,
     sharded: bool,
     events: Arc<dyn BusEvents>,
@@ -186,6 +191,7 @@ impl RedisBus {
                     settings.timeout,
                     settings.room_idle_ttl,
                 ),
+                presence: presence::PresenceScripts::new(&probe_tag),
                 keys,
                 timeout: settings.timeout,
                 sharded,
@@ -306,6 +312,16 @@ impl RedisBus {
 /// end on its own with an error (e.g. fred 10 gives up routing a command that met an `ASK`
 /// redirect during a Cluster reshard when no attempts are left, and ends the task with
 /// it): it is started again, after a back-off, so the client reconnects.
+impl RedisBus {
+    fn commands_up(&self) -> Result<(), BusError> {
+        if self.inner.commands.is_connected() {
+            Ok(())
+        } else {
+            Err(BusError::Disconnected)
+        }
+    }
+}
+
 fn spawn_connection<C: ClientLike + Clone + Send + 'static>(client: &C) -> JoinHandle<()> {
     let client = client.clone();
     tokio::spawn(async move {
@@ -383,9 +399,67 @@ impl Bus for RedisBus {
             .await
     }
 
-    async fn presence(&self, _room: &RoomName, _max: usize) -> Result<PresenceSnapshot, BusError> {
-        // Filled in with presence (issue 13).
-        Ok(PresenceSnapshot::default())
+    async fn presence(&self, room: &RoomName, max: usize) -> Result<PresenceSnapshot, BusError> {
+        self.commands_up()?;
+        let i = &self.inner;
+        i.scripts
+            .presence_snapshot(&i.commands, &i.presence, room, max)
+            .await
+    }
+
+    async fn presence_enter(
+        &self,
+        room: &RoomName,
+        user: &PresenceUser,
+        lease: Duration,
+    ) -> Result<(), BusError> {
+        self.commands_up()?;
+        let i = &self.inner;
+        i.scripts
+            .presence_enter(&i.commands, &i.presence, room, user, lease)
+            .await
+    }
+
+    async fn presence_exit(&self, room: &RoomName, user: &PresenceUser) -> Result<(), BusError> {
+        self.commands_up()?;
+        let i = &self.inner;
+        i.scripts
+            .presence_exit(&i.commands, &i.presence, room, user)
+            .await
+    }
+
+    async fn presence_renew(
+        &self,
+        room: &RoomName,
+        users: &[PresenceUser],
+        lease: Duration,
+    ) -> Result<(), BusError> {
+        self.commands_up()?;
+        let i = &self.inner;
+        i.scripts
+            .presence_renew(&i.commands, &i.presence, room, users, lease)
+            .await
+    }
+
+    async fn signal(
+        &self,
+        room: &RoomName,
+        json: Bytes,
+        _except: Option<Arc<str>>,
+    ) -> Result<(), BusError> {
+        self.commands_up()?;
+        // Who to leave out travels in the payload itself (`typing.user`).
+        let channel = self.inner.keys.channel(room);
+        let commands = &self.inner.commands;
+        if self.inner.sharded {
+            self.with_timeout(commands.spublish::<i64, _, _>(channel, json))
+                .await
+                .map(drop)
+        } else {
+            self.with_timeout(commands.publish::<i64, _, _>(channel, json))
+                .await
+                .map(drop)
+        }
     }
 
     fn is_ready(&self) -> bool {

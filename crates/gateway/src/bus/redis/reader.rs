@@ -15,7 +15,7 @@ use tokio::sync::broadcast::{
 use tracing::{error, warn};
 
 use super::scripts::to_msg;
-use crate::bus::{BusEvent, BusEvents, Epoch, EpochNotice, keys::Keys};
+use crate::bus::{BusEvent, BusEvents, Epoch, EpochNotice, SignalHead, keys::Keys};
 
 /// Messages handed over in one batch, at most.
 const BATCH: usize = 256;
@@ -114,6 +114,14 @@ fn classify_payload(room: RoomName, bytes: Bytes) -> Incoming {
             room,
             epoch: Epoch::from(notice.epoch),
         })
+    } else if let Ok(head) = serde_json::from_slice::<SignalHead>(&bytes)
+        && matches!(head.kind.as_str(), "presence_diff" | "typing")
+    {
+        Incoming::Event(BusEvent::Signal {
+            room,
+            json: bytes,
+            except: head.user.map(Arc::from),
+        })
     } else {
         warn!(%room, "ignoring a pub/sub payload that is not a message frame");
         Incoming::Ignored
@@ -159,6 +167,13 @@ mod tests {
         match r.classify("chat:probe:{me-2}", Value::Integer(9)) {
             Incoming::Probe { channel, token } => {
                 assert_eq!((channel.as_str(), token), ("chat:probe:{me-2}", 9));
+            }
+            other => panic!("{other:?}"),
+        }
+        let typing = r#"{"type":"typing","room":"a","user":"u1","name":"ann"}"#;
+        match r.classify("chat:{a}", Value::from(typing)) {
+            Incoming::Event(BusEvent::Signal { except, .. }) => {
+                assert_eq!(except.as_deref(), Some("u1"));
             }
             other => panic!("{other:?}"),
         }

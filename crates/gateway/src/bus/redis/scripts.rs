@@ -98,10 +98,10 @@ return {top, epoch, redis.call('LRANGE', KEYS[2], from - first, last - first), m
 pub(super) struct Scripts {
     publish: Script,
     history: Script,
-    keys: Keys,
+    pub(super) keys: Keys,
     history_size: String,
     /// `PUBLISH`, or `SPUBLISH` on a Cluster (sharded pub/sub).
-    publish_command: &'static str,
+    pub(super) publish_command: &'static str,
     /// Longest wait for one script call, as a backstop to fred's own command timeout.
     backstop: Duration,
     /// `ROOM_IDLE_TTL_SECS` (`"0"`: rooms never expire).
@@ -225,7 +225,7 @@ impl Scripts {
 
     /// Runs a script with EVALSHA, loading it first when Redis does not know it. fred's
     /// command timeout bounds each step.
-    async fn evalsha<R: FromValue>(
+    pub(super) async fn evalsha<R: FromValue>(
         &self,
         client: &Client,
         script: &Script,
