@@ -161,7 +161,12 @@ impl Session {
                     if let Some(entry) = self.rooms.iter_mut().find(|(r, _)| *r == room) {
                         entry.1 = true;
                     }
-                    Box::pin(state.presence.enter(&state.bus, &room, &me)).await;
+                    // A tokenless reader (AUTH_ANONYMOUS=read) is not listed: its name
+                    // is whatever it chose, so listing it would let anyone appear as
+                    // anyone. (Its leave is then a no-op: its id is its own.)
+                    if self.principal.may_write() {
+                        Box::pin(state.presence.enter(&state.bus, &room, &me)).await;
+                    }
                     return;
                 }
                 GoLive::Retry => {

@@ -173,6 +173,7 @@ async fn typing_is_relayed_to_the_others_across_instances_at_most_every_two_seco
 on_both_buses!(
     count_is_exact_and_users_are_capped,
     presence_off_sends_no_presence_frames,
+    a_reader_without_a_token_is_not_listed,
 );
 
 async fn count_is_exact_and_users_are_capped(env: Env) -> anyhow::Result<()> {
@@ -197,5 +198,35 @@ async fn presence_off_sends_no_presence_frames(env: Env) -> anyhow::Result<()> {
         ServerFrame::Message(m) => ensure!(m.text == "first"),
         other => bail!("expected the message, got {other:?}"),
     }
+    if let Some(redis) = &env.redis {
+        use fred::prelude::*;
+        let client = redis.client().await?;
+        for key in ["chat:{quiet}:presence", "chat:{quiet}:presence:users"] {
+            let n: i64 = client.exists(key).await?;
+            ensure!(n == 0, "PRESENCE=off wrote {key}");
+        }
+    }
+    Ok(())
+}
+
+async fn a_reader_without_a_token_is_not_listed(env: Env) -> anyhow::Result<()> {
+    let gw = env
+        .gateway(&[("AUTH_JWT_SECRET", SECRET), ("AUTH_ANONYMOUS", "read")])
+        .await?;
+    let (mut ann, _, _) = join_as(&base(&gw), "u-ann", "Ann", "lurk").await?;
+    ensure!(diff(&mut ann).await? == (vec!["u-ann".into()], vec![]));
+    // A tokenless reader calling itself Ann: it gets the list, and is not on it.
+    let (mut reader, _) = WsClient::connect_ws(&gw.ws_url("/ws?room=lurk&username=Ann")).await?;
+    reader.until_joined("lurk").await?;
+    match reader.recv_any().await? {
+        ServerFrame::Presence { count, users, .. } => {
+            ensure!(count == 1 && users[0].user == "u-ann", "{count} {users:?}");
+        }
+        other => bail!("expected presence, got {other:?}"),
+    }
+    reader.close().await?;
+    // The next diff ann sees is bob's join, not the reader coming or going.
+    let (_bob, _, _) = join_as(&base(&gw), "u-bob", "Bob", "lurk").await?;
+    ensure!(diff(&mut ann).await? == (vec!["u-bob".into()], vec![]));
     Ok(())
 }
