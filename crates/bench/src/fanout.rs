@@ -44,6 +44,9 @@ pub struct Plan {
     /// Put every connection of a room on the same instance (room r → instance r mod n)
     /// instead of spreading each room over all of them.
     pub room_affinity: bool,
+    /// Publishers connect with `client` and send with `ref` (deduplicated sends).
+    #[serde(default)]
+    pub retry_safe: bool,
     /// `(k, w)`: this process is worker k of w and drives rooms r with r mod w = k.
     pub worker: Option<(usize, usize)>,
 }
@@ -212,7 +215,11 @@ pub async fn run(
             subs.push(tokio::spawn(subscriber(reader, writer, shared.clone())));
         }
         for p in 0..plan.pubs {
-            let target = pick(n).with_path(&format!("/ws?room={name}&username=pub{p}"));
+            let client = match plan.retry_safe {
+                true => format!("&client={name}-p{p}"),
+                false => String::new(),
+            };
+            let target = pick(n).with_path(&format!("/ws?room={name}&username=pub{p}{client}"));
             let source = (!plan.sources.is_empty()).then(|| plan.sources[n % plan.sources.len()]);
             n += 1;
             let (reader, writer) = ws::connect(&target, source).await?;
@@ -224,6 +231,7 @@ pub async fn run(
                 name.clone(),
                 per_pub_rate,
                 plan.size,
+                plan.retry_safe,
             )));
         }
     }
@@ -463,6 +471,7 @@ async fn publisher(
     room_name: String,
     rate: f64,
     size: usize,
+    retry_safe: bool,
 ) {
     // Wait for our own `joined`, then for the start.
     loop {
@@ -487,6 +496,7 @@ async fn publisher(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let head = format!(r#"{{"type":"send","room":"{room_name}","text":"~"#);
     let mut frame = Vec::with_capacity(size + 64);
+    let mut seq = 0u64;
     loop {
         tokio::select! {
             _ = ticker.tick() => {
@@ -500,7 +510,12 @@ async fn publisher(
                 frame.push(b'|');
                 let pad = size.saturating_sub(stamp.len() + 2);
                 frame.extend(std::iter::repeat_n(b'x', pad));
-                frame.extend_from_slice(br#""}"#);
+                frame.extend_from_slice(b"\"");
+                if retry_safe {
+                    seq += 1;
+                    frame.extend_from_slice(format!(r#","ref":"r{seq}""#).as_bytes());
+                }
+                frame.push(b'}');
                 if writer.text(&frame).await.is_err() {
                     break;
                 }

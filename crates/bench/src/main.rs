@@ -156,6 +156,10 @@ struct Shape {
     /// Keep each room on one instance (room r → instance r mod n).
     #[arg(long)]
     room_affinity: bool,
+    /// Sends that can be retried: publishers connect with a `client` id and every send
+    /// carries a `ref`, so the gateway records each one for deduplication.
+    #[arg(long)]
+    retry_safe: bool,
 }
 
 /// The servers being measured.
@@ -373,6 +377,7 @@ async fn fanout_with(
         size: shape.size,
         run_id: format!("b{:08x}", fastrand::u32(..)),
         room_affinity: shape.room_affinity,
+        retry_safe: shape.retry_safe,
         worker: None,
     };
     let meters = fanout::Meters {

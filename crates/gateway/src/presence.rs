@@ -33,15 +33,31 @@ pub const TYPING_EVERY: Duration = Duration::from_secs(2);
 /// Typing records kept before the old ones are dropped.
 const TYPING_KEPT: usize = 10_000;
 
+/// One (room, user) on this instance.
+#[derive(Debug)]
+struct Local {
+    user: PresenceUser,
+    /// This user's connections in the room here.
+    conns: usize,
+    /// Whether the bus was told they are here (and not told since that they left).
+    announced: bool,
+}
+
+/// What the bus must hear about one (room, user) to match [`Local`].
+enum Due {
+    Enter(PresenceUser),
+    Exit(PresenceUser),
+}
+
 /// This instance's view of presence.
 #[derive(Debug)]
 pub struct Presence {
     enabled: bool,
     lease: Duration,
     max_users: usize,
-    /// (room, user id) → the user and how many of its connections are in the room.
-    local: Mutex<HashMap<(RoomName, String), (PresenceUser, usize)>>,
-    /// Orders one (room, user)'s first-in and last-out announcements.
+    /// (room, user id) → how many of the user's connections are in the room here.
+    local: Mutex<HashMap<(RoomName, String), Local>>,
+    /// Orders the bus calls of one (room, user).
     stripes: Vec<tokio::sync::Mutex<()>>,
     /// (room, user id) → when its last `typing` was relayed.
     typing: Mutex<HashMap<(RoomName, String), Instant>>,
@@ -67,46 +83,92 @@ impl Presence {
     }
 
     /// One more of `user`'s connections is in `room`; the first one announces them.
-    pub async fn enter(&self, bus: &AnyBus, room: &RoomName, user: &PresenceUser) {
+    ///
+    /// The count changes before the first await, and the bus is told by a task of its
+    /// own: a caller that is dropped half-way (its connection closed) cannot leave the
+    /// count and the bus disagreeing. Each [`Presence::exit`] must match an `enter`.
+    pub async fn enter(self: &Arc<Self>, bus: &AnyBus, room: &RoomName, user: &PresenceUser) {
         if !self.enabled {
             return;
         }
-        let _ordered = self.stripe(room, &user.user).lock().await;
-        let first = {
+        {
             let mut local = lock(&self.local);
             let entry = local
                 .entry((room.clone(), user.user.clone()))
-                .or_insert_with(|| (user.clone(), 0));
-            entry.1 += 1;
-            entry.1 == 1
-        };
-        if first && let Err(err) = bus.presence_enter(room, user, self.lease).await {
-            // The next renewal takes the lease again.
-            warn!(%room, error = %err, "presence: entering failed");
+                .or_insert_with(|| Local {
+                    user: user.clone(),
+                    conns: 0,
+                    announced: false,
+                });
+            entry.conns += 1;
         }
+        self.settle_detached(bus, room, &user.user).await;
     }
 
     /// One of `user`'s connections left `room`; the last one announces they left.
-    pub async fn exit(&self, bus: &AnyBus, room: &RoomName, user: &PresenceUser) {
+    pub async fn exit(self: &Arc<Self>, bus: &AnyBus, room: &RoomName, user: &PresenceUser) {
         if !self.enabled {
             return;
         }
-        let _ordered = self.stripe(room, &user.user).lock().await;
-        let last = {
+        {
             let mut local = lock(&self.local);
-            let key = (room.clone(), user.user.clone());
-            match local.get_mut(&key) {
-                Some(entry) if entry.1 > 1 => {
-                    entry.1 -= 1;
-                    false
+            if let Some(entry) = local.get_mut(&(room.clone(), user.user.clone())) {
+                entry.conns = entry.conns.saturating_sub(1);
+            }
+        }
+        self.settle_detached(bus, room, &user.user).await;
+    }
+
+    /// Runs [`Presence::settle`] in a task of its own and waits for it.
+    async fn settle_detached(self: &Arc<Self>, bus: &AnyBus, room: &RoomName, user: &str) {
+        let (this, bus, room, user) = (self.clone(), bus.clone(), room.clone(), user.to_owned());
+        // A panic in it is the task's own; the count is fixed by the next settle.
+        let _ = tokio::spawn(async move { this.settle(&bus, &room, &user).await }).await;
+    }
+
+    /// Tells the bus what it must hear for (room, user) to match the local count: that
+    /// they arrived, that they left, or nothing. It reads the count under the (room,
+    /// user)'s stripe lock, so settles running in any order end with the bus right.
+    async fn settle(&self, bus: &AnyBus, room: &RoomName, user: &str) {
+        let _ordered = self.stripe(room, user).lock().await;
+        let key = (room.clone(), user.to_owned());
+        let due = {
+            let mut local = lock(&self.local);
+            match local.get(&key) {
+                Some(e) if e.conns > 0 && !e.announced => Due::Enter(e.user.clone()),
+                Some(e) if e.conns == 0 && e.announced => Due::Exit(e.user.clone()),
+                Some(e) if e.conns == 0 => {
+                    local.remove(&key);
+                    return;
                 }
-                Some(_) => local.remove(&key).is_some(),
-                None => false,
+                _ => return,
             }
         };
-        if last && let Err(err) = bus.presence_exit(room, user).await {
-            // The lease runs out, and the survivors report them `left`.
-            warn!(%room, error = %err, "presence: leaving failed");
+        match due {
+            Due::Enter(user) => {
+                if let Err(err) = bus.presence_enter(room, &user, self.lease).await {
+                    // The next renewal takes the lease.
+                    warn!(%room, error = %err, "presence: entering failed");
+                }
+                // Announced either way: the renewals hold the lease from now on.
+                if let Some(e) = lock(&self.local).get_mut(&key) {
+                    e.announced = true;
+                }
+            }
+            Due::Exit(user) => {
+                if let Err(err) = bus.presence_exit(room, &user).await {
+                    // The lease runs out, and the survivors report them `left`.
+                    warn!(%room, error = %err, "presence: leaving failed");
+                }
+                let mut local = lock(&self.local);
+                match local.get_mut(&key) {
+                    // Back meanwhile: their settle, queued behind this one, enters them.
+                    Some(e) if e.conns > 0 => e.announced = false,
+                    _ => {
+                        local.remove(&key);
+                    }
+                }
+            }
         }
     }
 
@@ -142,12 +204,37 @@ impl Presence {
         loop {
             ticker.tick().await;
             let mut rooms: HashMap<RoomName, Vec<PresenceUser>> = HashMap::new();
-            for ((room, _), (user, _)) in lock(&self.local).iter() {
-                rooms.entry(room.clone()).or_default().push(user.clone());
+            for ((room, _), e) in lock(&self.local).iter() {
+                if e.announced && e.conns > 0 {
+                    rooms.entry(room.clone()).or_default().push(e.user.clone());
+                }
             }
             for (room, users) in rooms {
                 if let Err(err) = bus.presence_renew(&room, &users, self.lease).await {
                     warn!(%room, error = %err, "presence: renewing failed");
+                    continue;
+                }
+                // A user who left while the renewal was on its way may have had their
+                // lease taken again by it: give those back now.
+                let gone: Vec<PresenceUser> = {
+                    let local = lock(&self.local);
+                    users
+                        .into_iter()
+                        .filter(|u| {
+                            local
+                                .get(&(room.clone(), u.user.clone()))
+                                .is_none_or(|e| !e.announced)
+                        })
+                        .collect()
+                };
+                for user in gone {
+                    let _ordered = self.stripe(&room, &user.user).lock().await;
+                    let still_gone = lock(&self.local)
+                        .get(&(room.clone(), user.user.clone()))
+                        .is_none_or(|e| !e.announced);
+                    if still_gone && let Err(err) = bus.presence_exit(&room, &user).await {
+                        warn!(%room, error = %err, "presence: leaving failed");
+                    }
                 }
             }
         }
@@ -194,6 +281,66 @@ pub fn spawn_renewals(presence: Arc<Presence>, bus: AnyBus) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::{BusEvent, BusEvents, memory::MemoryBus};
+
+    /// The presence diffs the bus published, in order.
+    #[derive(Default)]
+    struct Diffs(Mutex<Vec<String>>);
+
+    impl BusEvents for Diffs {
+        fn deliver(&self, events: &mut Vec<BusEvent>) {
+            for e in events.drain(..) {
+                if let BusEvent::Signal { json, .. } = e {
+                    lock(&self.0).push(String::from_utf8_lossy(&json).into_owned());
+                }
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn enters_and_exits_in_any_order_and_cancelled_half_way_leave_the_bus_right() {
+        let diffs = Arc::new(Diffs::default());
+        let bus = AnyBus::Memory(MemoryBus::new(10, diffs.clone()));
+        let p = Arc::new(Presence::new(true, Duration::from_secs(30), 10));
+        let room = RoomName::new("r").unwrap();
+        let ann = PresenceUser {
+            user: "u-ann".into(),
+            name: "Ann".into(),
+        };
+        // 40 connections of ann come and go at once; one of them stays.
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let (p, bus, room, ann) = (p.clone(), bus.clone(), room.clone(), ann.clone());
+            tasks.push(tokio::spawn(async move {
+                p.enter(&bus, &room, &ann).await;
+                if i != 0 {
+                    p.exit(&bus, &room, &ann).await;
+                }
+            }));
+        }
+        // Callers dropped as soon as they start: the count changed, the bus follows.
+        for _ in 0..10 {
+            let f = Box::pin(p.enter(&bus, &room, &ann));
+            let _ = futures_util::poll!(f);
+            p.exit(&bus, &room, &ann).await;
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let now = bus.presence(&room, 10).await.unwrap();
+        assert_eq!((now.count, now.users), (1, vec![ann.clone()]));
+        // The diffs alternate, starting with joined and ending with it.
+        let seen = lock(&diffs.0).clone();
+        assert!(!seen.is_empty());
+        for (i, d) in seen.iter().enumerate() {
+            let joined = d.contains(r#""joined":[{"#);
+            assert_eq!(joined, i % 2 == 0, "diff {i}: {d} of {seen:?}");
+        }
+        assert_eq!(seen.len() % 2, 1);
+        p.exit(&bus, &room, &ann).await;
+        assert_eq!(bus.presence(&room, 10).await.unwrap().count, 0);
+        assert!(lock(&p.local).is_empty(), "nothing left behind");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn typing_is_relayed_at_most_every_two_seconds_per_user_and_room() {

@@ -41,7 +41,7 @@ impl Session {
         &mut self,
         room: RoomName,
         since: Option<u64>,
-        mut epoch: Option<String>,
+        epoch: Option<String>,
         reference: Option<String>,
     ) {
         if self.rooms.iter().any(|(r, _)| *r == room) {
@@ -83,15 +83,33 @@ impl Session {
             warn!(%room, error = %err, "join failed");
             return self.abort_join(&room, reference).await;
         }
+        // Listed before the snapshot is read, so that the joiner's own `presence`
+        // counts it.
+        self.list(&room).await;
+        if !self.hand_over(&room, since, epoch, reference).await {
+            self.unlist(&room).await;
+        }
+    }
+
+    /// Steps 2–4 of [`Session::join`]: replays and goes live. False when the join did not
+    /// end live (the bus failed, answered `unavailable`; or the connection is closing).
+    async fn hand_over(
+        &mut self,
+        room: &RoomName,
+        since: Option<u64>,
+        mut epoch: Option<String>,
+        reference: Option<String>,
+    ) -> bool {
+        let state = self.state.clone();
         let mut since = since;
         let mut recovered = true;
         let mut first_pass = true;
         loop {
             let mut history = match since {
-                Some(_) => Box::pin(state.bus.history(&room, since)).await,
+                Some(_) => Box::pin(state.bus.history(room, since)).await,
                 // A fresh join replays the newest JOIN_REPLAY_LIMIT messages; older ones
                 // are paged over HTTP.
-                None => Box::pin(state.bus.page(&room, None, state.config.join_replay_limit))
+                None => Box::pin(state.bus.page(room, None, state.config.join_replay_limit))
                     .await
                     .map(History::from),
             };
@@ -102,7 +120,7 @@ impl Session {
             {
                 // `since` is from another epoch: the whole history, not a tail, is due.
                 let limit = state.config.join_replay_limit;
-                history = Box::pin(state.bus.page(&room, None, limit))
+                history = Box::pin(state.bus.page(room, None, limit))
                     .await
                     .map(History::from);
             }
@@ -110,14 +128,15 @@ impl Session {
                 Ok(h) => h,
                 Err(err) => {
                     warn!(%room, error = %err, "history read failed");
-                    return self.abort_join(&room, reference).await;
+                    self.abort_join(room, reference).await;
+                    return false;
                 }
             };
             let plan = ReplayPlan::new(since, epoch.as_deref(), history);
             if !first_pass && !plan.recovered {
                 // The room moved faster than this client read its replay, beyond history.
                 self.outbox.close(CloseReason::TooSlow);
-                return;
+                return false;
             }
             recovered &= plan.recovered;
             for msg in plan.messages {
@@ -127,7 +146,7 @@ impl Session {
                     .await
                     .is_err()
                 {
-                    return;
+                    return false;
                 }
             }
             let legacy = self.legacy;
@@ -135,7 +154,7 @@ impl Session {
             // delivered after it (go_live keeps them for this member until then).
             let presence = match legacy {
                 true => None,
-                false => Box::pin(state.presence.snapshot(&state.bus, &room)).await,
+                false => Box::pin(state.presence.snapshot(&state.bus, room)).await,
             };
             let room_epoch = plan.epoch.clone();
             let joined = |last_id| {
@@ -154,20 +173,14 @@ impl Session {
             };
             let go = state
                 .hub
-                .go_live(&room, self.conn, plan.last_id, plan.epoch.clone(), joined);
+                .go_live(room, self.conn, plan.last_id, plan.epoch.clone(), joined);
             match go {
                 GoLive::Live(last_id) => {
                     debug!(%room, last_id, recovered, "joined");
-                    if let Some(entry) = self.rooms.iter_mut().find(|(r, _)| *r == room) {
+                    if let Some(entry) = self.rooms.iter_mut().find(|(r, _)| *r == *room) {
                         entry.1 = true;
                     }
-                    // A tokenless reader (AUTH_ANONYMOUS=read) is not listed: its name
-                    // is whatever it chose, so listing it would let anyone appear as
-                    // anyone. (Its leave is then a no-op: its id is its own.)
-                    if self.principal.may_write() {
-                        Box::pin(state.presence.enter(&state.bus, &room, &me)).await;
-                    }
-                    return;
+                    return true;
                 }
                 GoLive::Retry => {
                     // Continue from what was just replayed, in the epoch it came from.
@@ -175,7 +188,7 @@ impl Session {
                     epoch = plan.epoch.as_deref().map(str::to_owned);
                     first_pass = false;
                 }
-                GoLive::Gone => return,
+                GoLive::Gone => return false,
             }
         }
     }

@@ -66,6 +66,9 @@ struct Session {
     client: Option<String>,
     /// Rooms in join order; `false` while the join's replay is in progress.
     rooms: Vec<(RoomName, bool)>,
+    /// Rooms this connection is counted in for presence (from the start of its join
+    /// until it leaves; see [`crate::presence`]).
+    listed: Vec<RoomName>,
     rate: RateLimit,
     /// Frames refused in a row (not counting `unavailable` and `rate_limited`); at
     /// [`BAD_FRAME_LIMIT`] the connection is closed with 1008.
@@ -102,6 +105,7 @@ pub async fn run(
             username: None,
             client: None,
             rooms: Vec::new(),
+            listed: Vec::new(),
             rate,
             refused_in_a_row: 0,
             refused: false,
@@ -289,8 +293,7 @@ impl Session {
         if let Some(release) = self.state.hub.leave(&room, self.conn, &self.state.bus) {
             release.await;
         }
-        let me = self.who();
-        Box::pin(self.state.presence.exit(&self.state.bus, &room, &me)).await;
+        self.unlist(&room).await;
         self.reply(ServerFrame::Left {
             room: room.to_string(),
         })
@@ -432,16 +435,39 @@ impl Session {
     }
 
     fn leave_all(&mut self) {
-        let me = self.who();
-        for (room, live) in self.rooms.drain(..) {
+        for (room, _) in self.rooms.drain(..) {
             if let Some(release) = self.state.hub.leave(&room, self.conn, &self.state.bus) {
                 tokio::spawn(release);
             }
-            if live {
-                let (state, me) = (self.state.clone(), me.clone());
-                tokio::spawn(async move { state.presence.exit(&state.bus, &room, &me).await });
-            }
         }
+        let me = self.who();
+        for room in self.listed.drain(..) {
+            let (state, me) = (self.state.clone(), me.clone());
+            tokio::spawn(async move { state.presence.exit(&state.bus, &room, &me).await });
+        }
+    }
+
+    /// Counts this connection in `room`'s presence (a tokenless reader is not listed:
+    /// its name is whatever it chose, so listing it would let anyone appear as anyone).
+    async fn list(&mut self, room: &RoomName) {
+        if !self.principal.may_write() || self.listed.contains(room) {
+            return;
+        }
+        // Recorded before the count changes, so a connection dropped half-way still
+        // takes itself out in `leave_all`.
+        self.listed.push(room.clone());
+        let me = self.who();
+        Box::pin(self.state.presence.enter(&self.state.bus, room, &me)).await;
+    }
+
+    /// Undoes [`Session::list`], if it was done.
+    async fn unlist(&mut self, room: &RoomName) {
+        let Some(pos) = self.listed.iter().position(|r| r == room) else {
+            return;
+        };
+        self.listed.swap_remove(pos);
+        let me = self.who();
+        Box::pin(self.state.presence.exit(&self.state.bus, room, &me)).await;
     }
 
     /// Who this connection is in presence lists and `typing`: the token's user, or

@@ -64,11 +64,14 @@ async fn a_user_is_listed_once_however_many_connections_they_have(
     a: &TestGateway,
     b: &TestGateway,
 ) -> anyhow::Result<()> {
-    let (mut ann, count, _) = join_as(&base(a), "u-ann", "Ann", "lobby").await?;
-    ensure!(count == 0, "nobody was here before ann: {count}");
+    // The joiner's own `presence` counts it; its arrival is announced to all, itself too.
+    let (mut ann, count, users) = join_as(&base(a), "u-ann", "Ann", "lobby").await?;
+    ensure!(count == 1 && users[0].name == "Ann", "{count} {users:?}");
     ensure!(diff(&mut ann).await? == (vec!["u-ann".into()], vec![]));
     let (mut bob, count, users) = join_as(&base(b), "u-bob", "Bob", "lobby").await?;
-    ensure!(count == 1 && users[0].name == "Ann", "{count} {users:?}");
+    let mut names: Vec<&str> = users.iter().map(|u| u.name.as_str()).collect();
+    names.sort_unstable();
+    ensure!(count == 2 && names == ["Ann", "Bob"], "{count} {users:?}");
     ensure!(diff(&mut bob).await? == (vec!["u-bob".into()], vec![]));
     ensure!(diff(&mut ann).await? == (vec!["u-bob".into()], vec![]));
     // ann's second tab, on the other instance: no news.
@@ -79,7 +82,12 @@ async fn a_user_is_listed_once_however_many_connections_they_have(
     ann2.close().await?;
     ensure!(diff(&mut bob).await? == (vec![], vec!["u-ann".into()]));
     let (_, count, users) = join_as(&base(a), "u-carl", "Carl", "lobby").await?;
-    ensure!(count == 1 && users[0].user == "u-bob", "{count} {users:?}");
+    let mut ids: Vec<&str> = users.iter().map(|u| u.user.as_str()).collect();
+    ids.sort_unstable();
+    ensure!(
+        count == 2 && ids == ["u-bob", "u-carl"],
+        "{count} {users:?}"
+    );
     Ok(())
 }
 
@@ -107,23 +115,23 @@ async fn the_users_of_a_killed_instance_are_reported_left_by_the_survivors() -> 
     let vars = [
         ("REDIS_URL", topo.url()),
         ("AUTH_JWT_SECRET", SECRET.to_owned()),
-        ("PRESENCE_TTL_SECS", "3".to_owned()),
+        ("PRESENCE_TTL_SECS", "5".to_owned()),
     ];
     let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let doomed = GatewayProcess::spawn(env!("CARGO_BIN_EXE_chat-gateway"), &vars).await?;
     let survivor = TestGateway::with_redis(
         &topo.url(),
-        &[("AUTH_JWT_SECRET", SECRET), ("PRESENCE_TTL_SECS", "3")],
+        &[("AUTH_JWT_SECRET", SECRET), ("PRESENCE_TTL_SECS", "5")],
     )
     .await?;
     let doomed_url = doomed.ws_url("");
     let (_ann, _, _) = join_as(doomed_url.trim_end_matches('/'), "u-ann", "Ann", "kill").await?;
     let (mut bob, count, _) = join_as(&base(&survivor), "u-bob", "Bob", "kill").await?;
-    ensure!(count == 1);
+    ensure!(count == 2);
     ensure!(diff(&mut bob).await? == (vec!["u-bob".into()], vec![]));
     doomed.signal("KILL").await?;
-    // Nobody says goodbye for ann; her lease runs out (3 s) and the survivor's next
-    // renewal (every second) sweeps it. WAIT bounds "the TTL plus a few seconds".
+    // Nobody says goodbye for ann; her lease runs out (5 s) and the survivor's next
+    // renewal (every 1.7 s) sweeps it. WAIT (15 s) bounds "the TTL plus a few seconds".
     ensure!(diff(&mut bob).await? == (vec![], vec!["u-ann".into()]));
     Ok(())
 }
@@ -185,7 +193,7 @@ async fn count_is_exact_and_users_are_capped(env: Env) -> anyhow::Result<()> {
         held.push(join_as(&base(&gw), sub, name, "capped").await?.0);
     }
     let (_, count, users) = join_as(&base(&gw), "u4", "Four", "capped").await?;
-    ensure!(count == 3 && users.len() == 2, "{count} {users:?}");
+    ensure!(count == 4 && users.len() == 2, "{count} {users:?}");
     Ok(())
 }
 
