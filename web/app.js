@@ -22,8 +22,18 @@ const els = {
   joinForm: $('join-form'),
   joinInput: $('join-input'),
   joinHint: $('join-hint'),
+  chat: $('chat'),
   roomTitle: $('room-title'),
+  onlineButton: $('online-button'),
+  onlineCount: $('online-count'),
   leaveButton: $('leave-button'),
+  members: $('members'),
+  memberList: $('member-list'),
+  membersMore: $('members-more'),
+  older: $('older'),
+  loadOlder: $('load-older'),
+  olderStatus: $('older-status'),
+  typing: $('typing'),
   scroller: $('scroller'),
   emptyState: $('empty-state'),
   logs: $('logs'),
@@ -76,6 +86,10 @@ let username = chosenName;
 /** Per room: its log element and what the UI needs to know about it. */
 const views = new Map();
 let activeRoom = null;
+/** The server has no HTTP API (404): older history cannot be paged. */
+let apiOff = false;
+/** The member list: null (as the screen width suggests), or what the person chose. */
+let membersChoice = null;
 
 const hashRoom = roomFromHash();
 const initialRooms = loadRooms();
@@ -187,7 +201,21 @@ function viewFor(room) {
     log.hidden = room !== activeRoom;
     els.logs.append(log);
     // lastMsg: the previous message, for grouping (null after a notice); lastTs: for day dividers.
-    view = { room, log, unread: 0, lastMsg: null, lastTs: null, loaded: false };
+    // firstId: the oldest message shown (older ones can be paged in); exhausted: nothing
+    // older to page; generation: moves when the log starts over (a page fetched before is void).
+    view = {
+      room,
+      log,
+      unread: 0,
+      lastMsg: null,
+      lastTs: null,
+      loaded: false,
+      firstId: null,
+      exhausted: false,
+      loadingOlder: false,
+      olderError: '',
+      generation: 0,
+    };
     views.set(room, view);
   }
   return view;
@@ -242,6 +270,9 @@ function setActive(room) {
   renderRooms();
   renderPending();
   renderEmptyState();
+  renderPresence();
+  renderTyping();
+  renderOlder();
   scrollToBottom();
   updateTitle();
 }
@@ -321,10 +352,9 @@ function messageElement(m, prev) {
   if (own) li.classList.add('own');
   li.dataset.id = String(m.id);
   li.dataset.author = m.username;
+  li.dataset.ts = String(Number(m.ts) || 0);
   if (typeof m.user === 'string') li.dataset.user = m.user;
-  const grouped =
-    prev && prev.username === m.username && (prev.user ?? null) === (m.user ?? null) && m.ts - prev.ts < GROUP_WINDOW_MS && m.ts >= prev.ts;
-  if (grouped) li.classList.add('cont');
+  if (groupedWith(prev, m)) li.classList.add('cont');
 
   const avatar = document.createElement('span');
   avatar.className = 'avatar';
@@ -361,6 +391,40 @@ function messageElement(m, prev) {
   return li;
 }
 
+/** Whether `m` continues `prev`'s group (same author, within GROUP_WINDOW_MS). */
+function groupedWith(prev, m) {
+  return Boolean(prev) && prev.username === m.username && (prev.user ?? null) === (m.user ?? null) && m.ts - prev.ts < GROUP_WINDOW_MS && m.ts >= prev.ts;
+}
+
+function dayDivider(ts) {
+  const day = document.createElement('li');
+  day.className = 'day-divider';
+  day.dataset.ts = String(ts);
+  const label = document.createElement('span');
+  label.textContent = dayLabel(ts);
+  day.append(label);
+  return day;
+}
+
+/**
+ * Elements for consecutive messages, with day dividers and grouping, continuing after
+ * `prev` (the message before them, null: none or a notice) and `lastTs` (null: a new day
+ * divider first).
+ */
+function renderRun(messages, prev, lastTs) {
+  const frag = document.createDocumentFragment();
+  for (const m of messages) {
+    if (lastTs === null || !sameDay(lastTs, m.ts)) {
+      frag.append(dayDivider(m.ts));
+      prev = null;
+    }
+    frag.append(messageElement(m, prev));
+    prev = m;
+    lastTs = m.ts;
+  }
+  return { frag, prev, lastTs };
+}
+
 function noticeElement(text) {
   const li = document.createElement('li');
   li.className = 'notice';
@@ -373,25 +437,15 @@ function appendMessages(room, messages, replay) {
   const view = viewFor(room);
   adoptOwnName(messages);
   const stick = room !== activeRoom || isNearBottom() || replay || messages.some(isOwn);
-  const frag = document.createDocumentFragment();
-  let prev = view.lastMsg;
-  for (const m of messages) {
-    if (view.lastTs === null || !sameDay(view.lastTs, m.ts)) {
-      const day = document.createElement('li');
-      day.className = 'day-divider';
-      const label = document.createElement('span');
-      label.textContent = dayLabel(m.ts);
-      day.append(label);
-      frag.append(day);
-      prev = null;
-    }
-    frag.append(messageElement(m, prev));
-    prev = m;
-    view.lastTs = m.ts;
-  }
+  const { frag, prev, lastTs } = renderRun(messages, view.lastMsg, view.lastTs);
   view.lastMsg = prev;
+  view.lastTs = lastTs;
   view.log.append(frag);
   view.loaded = true;
+  if (view.firstId === null && messages.length > 0) {
+    view.firstId = messages[0].id;
+    if (room === activeRoom) renderOlder();
+  }
 
   if (!replay) {
     const others = messages.filter((m) => !isOwn(m));
@@ -493,6 +547,160 @@ function pendingLabel(p, connected) {
       return '';
   }
 }
+
+// ---- older history ------------------------------------------------------------------------------
+//
+// A fresh join replays only the newest messages (the server's JOIN_REPLAY_LIMIT); older
+// ones are paged over HTTP, PAGE_LIMIT at a time, before the oldest one shown.
+
+function renderOlder() {
+  const view = activeRoom ? views.get(activeRoom) : null;
+  const canPage = Boolean(view) && !apiOff && !view.exhausted && view.firstId !== null && view.firstId > 1;
+  els.loadOlder.hidden = !canPage;
+  els.loadOlder.disabled = Boolean(view?.loadingOlder);
+  els.loadOlder.textContent = view?.loadingOlder ? 'Loading older messages…' : 'Load older messages';
+  const text = view && !apiOff ? view.olderError : '';
+  els.olderStatus.textContent = text;
+  els.olderStatus.hidden = text === '';
+  els.older.hidden = !canPage && text === '';
+}
+
+async function loadOlder() {
+  const room = activeRoom;
+  const view = room ? views.get(room) : null;
+  if (!view || view.loadingOlder || apiOff || view.exhausted || !(view.firstId > 1)) return;
+  const { generation } = view;
+  view.loadingOlder = true;
+  view.olderError = '';
+  renderOlder();
+  const result = await client.fetchOlder(room, view.firstId);
+  view.loadingOlder = false;
+  // Left, or the room started over while the page was on its way: it belongs to nothing shown.
+  if (views.get(room) !== view || view.generation !== generation) {
+    if (room === activeRoom) renderOlder();
+    return;
+  }
+  switch (result.kind) {
+    case 'off':
+      apiOff = true; // this server cannot page: nothing to say, nothing to offer
+      break;
+    case 'epoch':
+      // Those are from another life of the room than the messages shown: not mixed in.
+      view.exhausted = true;
+      view.olderError = 'This room started over on the server: older messages are from before that and are not shown here.';
+      break;
+    case 'error':
+      view.olderError = result.text;
+      break;
+    default: {
+      const older = result.messages.filter((m) => m.id < view.firstId);
+      if (older.length > 0) prependMessages(view, older);
+      if (!result.hasMore || older.length === 0) view.exhausted = true;
+    }
+  }
+  if (room === activeRoom) {
+    const hadFocus = document.activeElement === els.loadOlder;
+    renderOlder();
+    // The button went away under the keyboard: keep the focus in the conversation.
+    if (hadFocus && els.loadOlder.hidden) els.scroller.focus({ preventScroll: true });
+  }
+}
+
+/** Puts older messages (ascending, all below view.firstId) above the oldest shown, keeping the scroll position. */
+function prependMessages(view, older) {
+  const { log } = view;
+  // The first message shown, or the day divider just above it: the new ones go before it
+  // (a notice above stays above everything of the room's current life).
+  const firstMsg = log.querySelector(':scope > li.msg');
+  const before = firstMsg?.previousElementSibling?.classList.contains('day-divider') ? firstMsg.previousElementSibling : firstMsg;
+  const { frag, prev } = renderRun(older, null, null);
+  const scroller = els.scroller;
+  const active = view.room === activeRoom;
+  // What stays put on the screen: the bottom of the message that was first (it may lose its
+  // header when it joins the group of the last old one; everything below it is unchanged).
+  const bottom = () => (firstMsg ? firstMsg.getBoundingClientRect().bottom : scroller.scrollHeight);
+  const was = bottom();
+  log.insertBefore(frag, before ?? null);
+  if (firstMsg) {
+    // The seam: one day divider per day, and the message that was first may now continue
+    // the last old one's group.
+    const first = { username: firstMsg.dataset.author, user: firstMsg.dataset.user, ts: Number(firstMsg.dataset.ts) };
+    if (before !== firstMsg && sameDay(Number(before.dataset.ts), prev.ts)) before.remove();
+    else if (before === firstMsg && !sameDay(prev.ts, first.ts)) log.insertBefore(dayDivider(first.ts), firstMsg);
+    firstMsg.classList.toggle('cont', firstMsg.previousElementSibling?.classList.contains('msg') === true && groupedWith(prev, first));
+  } else {
+    view.lastMsg = prev;
+    view.lastTs = prev.ts;
+  }
+  view.firstId = older[0].id;
+  if (active) scroller.scrollTop += bottom() - was;
+}
+
+// ---- who is here, who is typing -------------------------------------------------------------------
+
+/** Whether the member list is shown: the person's choice, else open on wide screens. */
+function membersOpen() {
+  return membersChoice ?? !narrowScreen.matches;
+}
+
+function renderPresence() {
+  const p = activeRoom ? client.presenceOf(activeRoom) : null;
+  els.onlineButton.hidden = !p;
+  els.members.hidden = !p;
+  els.chat.dataset.members = p && membersOpen() ? 'open' : 'closed';
+  els.onlineButton.setAttribute('aria-expanded', String(Boolean(p) && membersOpen()));
+  if (!p) {
+    els.memberList.replaceChildren();
+    return;
+  }
+  els.onlineCount.textContent = `${p.count} online`;
+  els.onlineButton.title = p.live ? `${p.count} in #${activeRoom}: show or hide who` : 'Not connected: who was here when the connection was lost';
+  els.members.dataset.live = String(p.live);
+  const byName = (a, b) => a.name.localeCompare(b.name) || (a.user < b.user ? -1 : a.user > b.user ? 1 : 0);
+  const members = [...p.members].sort((a, b) => (b.user === p.self) - (a.user === p.self) || byName(a, b));
+  const frag = document.createDocumentFragment();
+  for (const m of members) {
+    const li = document.createElement('li');
+    li.className = 'member';
+    li.dataset.user = m.user;
+    const avatar = document.createElement('span');
+    avatar.className = 'avatar';
+    avatar.setAttribute('aria-hidden', 'true');
+    avatarInto(avatar, m.name);
+    const name = document.createElement('span');
+    name.className = 'member-name';
+    name.textContent = m.name;
+    li.append(avatar, name);
+    if (m.user === p.self) {
+      li.classList.add('self');
+      const you = document.createElement('span');
+      you.className = 'you';
+      you.textContent = '(you)';
+      li.append(you);
+    }
+    frag.append(li);
+  }
+  els.memberList.replaceChildren(frag);
+  const more = p.count - p.members.length;
+  els.membersMore.textContent = more > 0 ? `and ${more} more` : '';
+  els.membersMore.hidden = more <= 0;
+}
+
+function renderTyping() {
+  const names = activeRoom ? client.typistsOf(activeRoom).map((t) => t.name) : [];
+  let text = '';
+  if (names.length === 1) text = `${names[0]} is typing…`;
+  else if (names.length === 2) text = `${names[0]} and ${names[1]} are typing…`;
+  else if (names.length > 2) text = 'Several people are typing…';
+  els.typing.textContent = text;
+}
+
+const narrowScreen = window.matchMedia('(max-width: 720px)');
+narrowScreen.addEventListener('change', renderPresence);
+els.onlineButton.addEventListener('click', () => {
+  membersChoice = !membersOpen();
+  renderPresence();
+});
 
 function isNearBottom() {
   const s = els.scroller;
@@ -641,11 +849,17 @@ els.nameForm.addEventListener('submit', (e) => {
     /* ignore */
   }
   client.setUsername(username);
+  startClient();
   renderUser();
   els.nameDialog.close();
   if (changed) refreshOwnership();
   els.input.focus();
 });
+
+/** Connects, if not yet (a first visit waits for a name or a sign-in). */
+function startClient() {
+  if (client.stopped) client.start();
+}
 els.userButton.addEventListener('click', () => openNameDialog(false));
 
 /** After a name or identity change, "own" follows the new name or user id. */
@@ -673,7 +887,11 @@ function autosize() {
   els.input.style.height = `${els.input.scrollHeight}px`;
 }
 
-els.input.addEventListener('input', autosize);
+els.input.addEventListener('input', () => {
+  autosize();
+  // Others see "… is typing" (ChatClient sends it at most every 2 s); not for an empty box.
+  if (activeRoom && els.input.value.trim() !== '') client.typing(activeRoom);
+});
 els.input.addEventListener('keydown', (e) => {
   if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
     e.preventDefault();
@@ -725,6 +943,7 @@ els.leaveButton.addEventListener('click', () => {
 });
 els.retryNow.addEventListener('click', () => client.retryNow());
 els.jumpButton.addEventListener('click', scrollToBottom);
+els.loadOlder.addEventListener('click', loadOlder);
 els.scroller.addEventListener('scroll', () => {
   if (isNearBottom()) els.jumpButton.hidden = true;
 });
@@ -735,6 +954,7 @@ window.addEventListener('hashchange', () => {
     if (!roomFromHash() && activeRoom) {
       history.replaceState(history.state, '', `${window.location.pathname}${window.location.search}#room=${encodeURIComponent(activeRoom)}`);
     }
+    if (currentToken()) startClient();
     client.tokenChanged();
     const room = roomFromHash();
     if (room && room !== activeRoom) joinRoom(room);
@@ -754,6 +974,11 @@ client.addEventListener('reset', (e) => {
   view.log.replaceChildren(noticeElement('This room started over on the server: earlier messages are no longer available.'));
   view.lastMsg = null;
   view.lastTs = null;
+  view.firstId = null;
+  view.exhausted = false;
+  view.olderError = '';
+  view.generation += 1;
+  if (e.detail.room === activeRoom) renderOlder();
 });
 client.addEventListener('gap', (e) => {
   const { room } = e.detail;
@@ -780,6 +1005,12 @@ client.addEventListener('roomerror', (e) => {
   if (activeRoom === room) setActive(client.roomNames()[0] ?? null);
   renderRooms();
 });
+client.addEventListener('presence', (e) => {
+  if (e.detail.room === activeRoom) renderPresence();
+});
+client.addEventListener('typing', (e) => {
+  if (e.detail.room === activeRoom) renderTyping();
+});
 client.addEventListener('outbox', () => {
   renderPending();
   renderEmptyState();
@@ -789,7 +1020,9 @@ client.addEventListener('identity', (e) => applyIdentity(e.detail));
 client.addEventListener('auth', (e) => renderAuth(e.detail));
 // Another tab (or the embedding page in one) stored a new token.
 window.addEventListener('storage', (e) => {
-  if (e.key === TOKEN_KEY || e.key === null) client.tokenChanged();
+  if (e.key !== TOKEN_KEY && e.key !== null) return;
+  if (currentToken()) startClient();
+  client.tokenChanged();
 });
 
 let lastAuthText = '';
@@ -818,6 +1051,11 @@ for (const room of client.roomNames()) viewFor(room);
 saveRooms();
 renderUser();
 setActive(hashRoom ?? client.roomNames()[0] ?? null);
-client.start();
-if (!username && !signedIn) openNameDialog(true);
-else els.input.focus();
+if (!username && !signedIn) {
+  // First visit: connect once there is a name (startClient), so that the others never see
+  // a nameless "anonymous" come and go in their member lists.
+  openNameDialog(true);
+} else {
+  client.start();
+  els.input.focus();
+}

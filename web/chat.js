@@ -1,6 +1,8 @@
 // Protocol v1 client for chat-gateway (see docs/protocol.md): one WebSocket, any number of
-// rooms, resume with `since` after every reconnect, de-duplication by id, and an outbox of
-// messages that stay pending until acknowledged. No DOM here: app.js renders the events.
+// rooms, resume with `since` after every reconnect, de-duplication by id, an outbox of
+// messages that stay pending until acknowledged (re-sent with the same `ref` under a stable
+// per-tab `client` id, so the server stores each at most once), who is in each room and who
+// is typing, and older history paged over HTTP (/api). No DOM here: app.js renders the events.
 //
 // Events (CustomEvent, payload in `detail`):
 //   status    {state: 'connecting'|'connected'|'reconnecting'|'offline', instance, attempt, retryAt, reason}
@@ -13,6 +15,8 @@
 //   problem   {code, text}               a server error not tied to a message, in words
 //   identity  {token, claims, user}      the sign-in token in use or the verified user id changed
 //   auth      {state, text, exp}         the sign-in token's life, in words (see setAuth)
+//   presence  {room}                     who is in the room changed (read it with presenceOf)
+//   typing    {room}                     who is typing in the room changed (read it with typistsOf)
 //
 // Sign-in: `tokenSource` (a function) returns the current token, or null. It is read on
 // every connect (sent as the `token` query parameter: browsers cannot set headers on a
@@ -62,6 +66,15 @@ const BACKOFF_BASE_MS = 1000;
 const BACKOFF_CAP_MS = 30000;
 const CONNECT_TIMEOUT_MS = 10000;
 const OUTBOX_KEY = 'chat.outbox';
+/** This tab's `client` id (sessionStorage: kept across reloads of the tab, not shared with others). */
+const CLIENT_KEY = 'chat.client';
+const CLIENT_RE = /^[A-Za-z0-9_-]{1,64}$/;
+/** `typing` goes out at most this often per room (the server relays one per 2 s anyway). */
+const TYPING_SEND_EVERY_MS = 2000;
+/** Someone is shown typing this long after their last `typing` frame. */
+export const TYPING_SHOW_MS = 3500;
+/** Messages per page of older history. */
+export const PAGE_LIMIT = 50;
 /** The server's clock leeway on `exp` (auth.rs LEEWAY_SECS). */
 const TOKEN_LEEWAY_S = 5;
 /** Refresh this long before `exp`: a quarter of the token's life, within these bounds. */
@@ -134,6 +147,42 @@ export function defaultUrl(loc = window.location) {
   return url.toString();
 }
 
+/** The HTTP address of `path` (relative, e.g. `api/rooms/R/messages`) next to WebSocket URL `wsUrl`. */
+export function httpUrlNextTo(wsUrl, path) {
+  const base = new URL(wsUrl);
+  base.protocol = base.protocol === 'wss:' ? 'https:' : 'http:';
+  base.search = '';
+  base.hash = '';
+  return new URL(path, base);
+}
+
+/** `bytes` random bytes from the platform's CSPRNG, as lowercase hex (within `[A-Za-z0-9_-]`). */
+export function randomHex(bytes) {
+  const buf = new Uint8Array(bytes);
+  crypto.getRandomValues(buf);
+  return Array.from(buf, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+/**
+ * This tab's stable `client` id: kept in sessionStorage, so a reload of the tab reuses it
+ * (its pending messages are re-sent under it) while another tab gets its own.
+ */
+function loadClientId(storage) {
+  try {
+    const known = storage?.getItem(CLIENT_KEY);
+    if (known && CLIENT_RE.test(known)) return known;
+  } catch {
+    /* storage disabled: an id for this page only */
+  }
+  const id = `t${randomHex(16)}`;
+  try {
+    storage?.setItem(CLIENT_KEY, id);
+  } catch {
+    /* ignore */
+  }
+  return id;
+}
+
 export class ChatClient extends EventTarget {
   /**
    * @param {{url?: string, username?: string, rooms?: string[], storage?: Storage, tokenSource?: () => (string|null)}} options
@@ -177,8 +226,25 @@ export class ChatClient extends EventTarget {
     this.reconnectTimer = null;
     this.connectTimer = null;
     this.autoJoin = null;
+    /**
+     * Sends carry `ref` = refPrefix-N. The server stores a `send` at most once per (room,
+     * user or client id, ref), and the client id outlives a reload of the tab, so refs must
+     * never repeat within it: the prefix is random per page load (48 bits), the counter per
+     * page. (A tab duplicated by the browser copies sessionStorage, client id included; the
+     * random prefix keeps the two tabs' refs apart too.) A pending message keeps its ref for
+     * every re-send, also after a reload (the outbox is stored with it).
+     */
+    this.clientId = loadClientId(storage);
     this.refSeq = 0;
-    this.refPrefix = `c${Math.random().toString(36).slice(2, 8)}`;
+    this.refPrefix = `c${randomHex(6)}`;
+    /** The name the current connection was opened with (presence lists it under that name). */
+    this.connName = '';
+    /** `conn` of the current connection's `welcome`. */
+    this.conn = null;
+    /** Who this connection is in presence lists and `typing` (see presenceId). */
+    this.presenceId = null;
+    /** The server refused our `typing` (a reader without a sign-in): not sent again on this connection. */
+    this.typingRefused = false;
     this.status = { state: 'offline', instance: null, attempt: 0, retryAt: null, reason: '' };
     this.onOnline = () => this.retryNow();
     this.onOffline = () => {
@@ -219,6 +285,16 @@ export class ChatClient extends EventTarget {
 
   setUsername(name) {
     this.username = name;
+    this.renewForName();
+  }
+
+  /**
+   * Without a sign-in, the server lists a connection (presence, typing) under the name it
+   * connected with, and has no frame to rename it: a new name takes a new connection
+   * (resumed with `since` like any reconnect, so nothing is missed).
+   */
+  renewForName() {
+    if (this.welcomed && !this.user && queryName(this.username) !== this.connName) this.reconnectNow('');
   }
 
   /**
@@ -317,6 +393,76 @@ export class ChatClient extends EventTarget {
     return this.outbox.filter((p) => p.room === room);
   }
 
+  /**
+   * Who is in `room`, as the server last said: {members: [{user, name}], count, live,
+   * self}, or null before the first `presence` (or with presence off on the server).
+   * `count` is exact (the list may be capped by the server); `live` is false while
+   * disconnected (the list is what it was); `self` is this connection's user id.
+   */
+  presenceOf(roomName) {
+    const p = this.rooms.get(roomName)?.presence;
+    if (!p) return null;
+    return { members: [...p.members.values()], count: p.members.size + p.extra, live: p.live, self: this.presenceId };
+  }
+
+  /** Who is typing in `room` now: [{user, name}], in the order they started. */
+  typistsOf(roomName) {
+    const room = this.rooms.get(roomName);
+    return room ? [...room.typists.values()].map(({ user, name }) => ({ user, name })) : [];
+  }
+
+  /**
+   * The person is typing in `room`: tells the others, at most every TYPING_SEND_EVERY_MS,
+   * and only once the room is live. Returns whether a frame went out.
+   */
+  typing(roomName) {
+    const room = this.rooms.get(roomName);
+    if (!room || room.state !== 'joined' || this.typingRefused) return false;
+    const now = Date.now();
+    if (now - room.typingSentAt < TYPING_SEND_EVERY_MS) return false;
+    if (!this.sendFrame({ type: 'typing', room: roomName, ref: `t:${roomName}` })) return false;
+    room.typingSentAt = now;
+    return true;
+  }
+
+  /**
+   * A page of `room`'s history older than id `before`, over HTTP (GET
+   * /api/rooms/{room}/messages; docs/api.md), with the sign-in token when the server
+   * verified one. Resolves (never rejects) with one of:
+   *   {kind: 'page', messages (oldest first, ids below `before`, each once), hasMore}
+   *   {kind: 'off'}    the server has no API (404): nothing older can be fetched
+   *   {kind: 'epoch'}  the page is from another epoch of the room than the one shown
+   *   {kind: 'error', text}
+   */
+  async fetchOlder(roomName, before, limit = PAGE_LIMIT) {
+    const url = httpUrlNextTo(this.url, `api/rooms/${encodeURIComponent(roomName)}/messages`);
+    url.searchParams.set('before', String(before));
+    url.searchParams.set('limit', String(limit));
+    const headers = { Accept: 'application/json' };
+    // Only a token the server accepted: with authentication off, a token is refused here.
+    if (this.token && this.user) headers.Authorization = `Bearer ${this.token}`;
+    let res;
+    let body = null;
+    try {
+      res = await fetch(url, { headers, cache: 'no-store' });
+      if (res.status === 404) return { kind: 'off' };
+      body = await res.json().catch(() => null);
+    } catch {
+      return { kind: 'error', text: 'Could not load older messages: the network request failed. Try again.' };
+    }
+    if (!res.ok || !body || !Array.isArray(body.messages)) {
+      return { kind: 'error', text: `Could not load older messages: ${describeReadError(res.status, body)}` };
+    }
+    const epoch = typeof body.epoch === 'string' ? body.epoch : null;
+    const room = this.rooms.get(roomName);
+    if (room?.epoch && epoch && epoch !== room.epoch) return { kind: 'epoch' };
+    const seen = new Set();
+    const messages = body.messages
+      .filter((m) => m && typeof m === 'object' && Number.isInteger(m.id) && m.id < before && m.room === roomName && !seen.has(m.id) && seen.add(m.id))
+      .sort((a, b) => a.id - b.id);
+    return { kind: 'page', messages, hasMore: body.has_more === true };
+  }
+
   // ---- connection ----------------------------------------------------------------------
 
   connect() {
@@ -333,7 +479,9 @@ export class ChatClient extends EventTarget {
         if (first.epoch) url.searchParams.set('epoch', first.epoch);
       }
     }
-    if (checkUsername(this.username).ok) url.searchParams.set('username', this.username.trim());
+    this.connName = queryName(this.username);
+    if (this.connName) url.searchParams.set('username', this.connName);
+    url.searchParams.set('client', this.clientId);
     const token = this.currentToken();
     this.stopWatchingToken();
     clearTimeout(this.refreshTimer);
@@ -363,6 +511,9 @@ export class ChatClient extends EventTarget {
     const seq = ++this.connSeq;
     this.ws = ws;
     this.welcomed = false;
+    this.conn = null;
+    this.presenceId = null;
+    this.typingRefused = false;
     for (const room of this.rooms.values()) {
       room.state = 'idle';
       room.buffer = [];
@@ -406,6 +557,13 @@ export class ChatClient extends EventTarget {
       room.state = 'idle';
       room.buffer = [];
       clearTimeout(room.retryTimer);
+      // Disconnected: the list is kept (shown as such) until the next join's snapshot
+      // replaces it; nobody is shown typing.
+      if (room.presence?.live) {
+        room.presence.live = false;
+        this.emit('presence', { room: room.name });
+      }
+      this.clearTypists(room);
     }
     let changed = false;
     for (const p of this.outbox) {
@@ -428,6 +586,10 @@ export class ChatClient extends EventTarget {
     if (changed) this.outboxChanged();
     if (this.stopped) {
       this.setStatus({ state: 'offline', instance: null, attempt: 0, retryAt: null, reason: '' });
+      return;
+    }
+    if (ev.immediate) {
+      this.connect();
       return;
     }
     if (ev.code === 1008) {
@@ -458,13 +620,12 @@ export class ChatClient extends EventTarget {
     this.scheduleReconnect(closeReason(ev));
   }
 
-  /** Closes the connection now and opens a new one at once. */
+  /** Closes the connection now and opens a new one at once (no backoff, not an outage). */
   reconnectNow(reason) {
     const ws = this.ws;
     if (!ws) return this.retryNow();
-    this.onClose({ code: 1000, reason }, this.connSeq);
+    this.onClose({ code: 1000, reason, immediate: true }, this.connSeq);
     ws.close(1000, 'reconnecting');
-    this.retryNow();
   }
 
   // ---- the sign-in token ---------------------------------------------------------------
@@ -662,7 +823,10 @@ export class ChatClient extends EventTarget {
         this.welcomed = true;
         this.instance = String(f.instance ?? '');
         clearTimeout(this.connectTimer);
+        this.conn = f.conn === undefined || f.conn === null ? null : String(f.conn);
         const user = typeof f.user === 'string' ? f.user : null;
+        // Without authentication the server lists a connection as anon-<instance>-<conn>.
+        this.presenceId = user ?? (this.instance && this.conn ? `anon-${this.instance}-${this.conn}` : null);
         if (user !== this.user) {
           this.user = user;
           this.emitIdentity();
@@ -670,8 +834,19 @@ export class ChatClient extends EventTarget {
         this.startTokenLife();
         this.setStatus({ state: 'connected', instance: this.instance, attempt: 0, retryAt: null, reason: '' });
         for (const room of this.rooms.values()) if (room.state === 'idle') this.sendJoin(room);
+        // The name changed while this connection was being opened.
+        this.renewForName();
         break;
       }
+      case 'presence':
+        this.onPresence(f);
+        break;
+      case 'presence_diff':
+        this.onPresenceDiff(f);
+        break;
+      case 'typing':
+        this.onTyping(f);
+        break;
       case 'message':
         this.onMessage(f);
         break;
@@ -772,6 +947,12 @@ export class ChatClient extends EventTarget {
     const code = String(f.code ?? 'error');
     const text = describeError(code, f.message);
     const ref = typeof f.ref === 'string' ? f.ref : null;
+    if (ref && ref.startsWith('t:')) {
+      // Typing is best effort: nothing to tell the person. A reader without a sign-in
+      // (AUTH_ANONYMOUS=read) may not type: stop asking on this connection.
+      if (code === 'unauthorized' || code === 'forbidden') this.typingRefused = true;
+      return;
+    }
     const pending = ref && this.outbox.find((x) => x.ref === ref);
     if (pending) {
       this.onSendError(pending, code, text, seq);
@@ -849,6 +1030,79 @@ export class ChatClient extends EventTarget {
     }
   }
 
+  // ---- presence and typing ---------------------------------------------------------------
+
+  /** The snapshot after `joined`: replaces whatever the room's list was. */
+  onPresence(f) {
+    const room = this.rooms.get(f.room);
+    if (!room || !Array.isArray(f.users)) return;
+    const members = new Map();
+    for (const u of f.users) if (isPresenceUser(u)) members.set(u.user, { user: u.user, name: u.name });
+    const count = Number.isInteger(f.count) && f.count >= 0 ? f.count : members.size;
+    // `extra`: users the server counted but did not list (PRESENCE_MAX_USERS).
+    room.presence = { members, extra: Math.max(0, count - members.size), live: true };
+    this.emit('presence', { room: room.name });
+  }
+
+  /**
+   * Comings and goings after the snapshot, applied as a set keyed by `user`: a join of
+   * someone listed or a leave of someone absent changes nothing (the snapshot may already
+   * include what a diff announces, e.g. our own arrival).
+   */
+  onPresenceDiff(f) {
+    const room = this.rooms.get(f.room);
+    // The server sends a room's diffs only after its snapshot: none before, none to keep.
+    if (!room || !room.presence?.live) return;
+    const p = room.presence;
+    for (const u of Array.isArray(f.left) ? f.left : []) {
+      if (!isPresenceUser(u)) continue;
+      if (p.members.has(u.user)) p.members.delete(u.user);
+      else if (p.extra > 0) p.extra -= 1; // one of those not listed
+      this.stopTyping(room, (t) => t.user === u.user);
+    }
+    for (const u of Array.isArray(f.joined) ? f.joined : []) {
+      if (isPresenceUser(u)) p.members.set(u.user, { user: u.user, name: u.name });
+    }
+    this.emit('presence', { room: room.name });
+  }
+
+  onTyping(f) {
+    const room = this.rooms.get(f.room);
+    if (!room || room.state !== 'joined' || !isPresenceUser(f) || f.user === this.presenceId) return;
+    const known = room.typists.get(f.user);
+    clearTimeout(known?.timer);
+    const typist = { user: f.user, name: f.name, timer: null };
+    typist.timer = setTimeout(() => {
+      if (this.rooms.get(room.name) === room && room.typists.get(f.user) === typist) this.stopTyping(room, (t) => t === typist);
+    }, TYPING_SHOW_MS);
+    room.typists.set(f.user, typist);
+    if (!known || known.name !== f.name) this.emit('typing', { room: room.name });
+  }
+
+  /** Stops showing the typists `which` selects. */
+  stopTyping(room, which) {
+    let changed = false;
+    for (const [user, t] of room.typists) {
+      if (!which(t)) continue;
+      clearTimeout(t.timer);
+      room.typists.delete(user);
+      changed = true;
+    }
+    if (changed) this.emit('typing', { room: room.name });
+  }
+
+  clearTypists(room) {
+    this.stopTyping(room, () => true);
+  }
+
+  /** A message from someone shown typing ends their typing (by user id; by name when the message has none). */
+  messagesEndTyping(room, messages) {
+    if (room.typists.size === 0) return;
+    for (const m of messages) {
+      this.stopTyping(room, (t) => (typeof m.user === 'string' ? t.user === m.user : t.name === m.username));
+    }
+  }
+
   // ---- delivery, de-duplication, outbox ------------------------------------------------
 
   /** Hand messages to the UI in id order, each id once; settle pending messages they prove stored. */
@@ -864,21 +1118,21 @@ export class ChatClient extends EventTarget {
     if (fresh.length === 0) return;
     this.matchOutbox(room, fresh);
     this.emit('messages', { room: room.name, messages: fresh, replay });
+    this.messagesEndTyping(room, fresh);
   }
 
   /**
-   * The server does not (yet) de-duplicate re-sent messages, and the wire format has no
-   * client-chosen id, so a message whose connection dropped before its `ack` may or may not
-   * have been stored. We never re-send it blindly: after the reconnect, the room is resumed
-   * with `since`, and a replayed (or live) message of the same room, same username and same
-   * text with an id above the last id we had seen when we first sent ours is taken as our
-   * stored copy; only a message not found that way is sent again (in flush(), which runs
-   * after the room's `joined`). Acked messages are settled by id. The heuristic errs on the
-   * side of "delivered" if the same name posts the same text from elsewhere at that moment.
-   * What it cannot see: a publish from the old connection that Redis completes only after
-   * the new connection's replay was read (Redis stalled for longer than the reconnect
-   * backoff); the re-send then makes a second copy. Only a server that de-duplicates by
-   * `ref` closes that window.
+   * A message whose connection dropped before its `ack` may or may not have been stored.
+   * First line of defence: the server's. This tab connects with a stable `client` id and
+   * re-sends a pending message with the same `ref`, so a repeat of a stored one is
+   * answered `ack` with the original id and stored nothing (docs/protocol.md, "Sends that
+   * can be retried"). Second line, for a server that does not de-duplicate (or a record
+   * past IDEMPOTENCY_WINDOW_SECS): after the reconnect, the room is resumed with `since`,
+   * and a replayed (or live) message of the same room, same author and same text with an
+   * id above the last id we had seen when we first sent ours is taken as our stored copy;
+   * only a message not found that way is sent again (in flush(), which runs after the
+   * room's `joined`). Acked messages are settled by id. The heuristic errs on the side of
+   * "delivered" if the same name posts the same text from elsewhere at that moment.
    */
   matchOutbox(room, fresh) {
     let changed = false;
@@ -953,7 +1207,43 @@ export class ChatClient extends EventTarget {
 }
 
 function newRoom(name) {
-  return { name, lastId: 0, epoch: null, state: 'idle', buffer: [], retryTimer: null };
+  return {
+    name,
+    lastId: 0,
+    epoch: null,
+    state: 'idle',
+    buffer: [],
+    retryTimer: null,
+    /** {members: Map<user, {user, name}>, extra, live} from `presence`, or null. */
+    presence: null,
+    /** user → {user, name, timer}: who is shown typing. */
+    typists: new Map(),
+    typingSentAt: 0,
+  };
+}
+
+function isPresenceUser(u) {
+  return u && typeof u === 'object' && typeof u.user === 'string' && u.user !== '' && typeof u.name === 'string';
+}
+
+/** The name to connect with: the valid, trimmed username, or '' (none). */
+function queryName(name) {
+  const check = checkUsername(name);
+  return check.ok ? check.value : '';
+}
+
+/** Why a read of the server API failed, in words. */
+function describeReadError(status, body) {
+  switch (status) {
+    case 401:
+      return 'the server did not accept your sign-in for reading history.';
+    case 403:
+      return 'your sign-in does not give you access to this room.';
+    case 503:
+      return 'the chat service is temporarily unavailable. Try again in a moment.';
+    default:
+      return typeof body?.message === 'string' && body.message ? body.message : `the server answered ${status}.`;
+  }
 }
 
 function closeReason(ev) {

@@ -20,10 +20,14 @@
 #   NGINX_BIN, REDIS_SERVER_BIN   the programs (default: from PATH, /usr/sbin/nginx)
 #   Any gateway variable (docs/operations.md) is passed through to the gateways, e.g.
 #   SHUTDOWN_DRAIN_SECS=1 SHUTDOWN_GRACE_SECS=5 for fast stops, RUST_LOG, LOG_FORMAT.
-#   PORT, HOST, REDIS_URL and INSTANCE_ID are set by the script.
+#   PORT, HOST, REDIS_URL and INSTANCE_ID are set by the script. Two have other defaults
+#   here, for the web client: JOIN_REPLAY_LIMIT=50 (a fresh join shows the newest 50
+#   messages; older ones are paged over the server API) and API_KEY (the API exists only
+#   with a key: a random one is generated per start unless you set your own, ≥ 16 chars).
 #
 # After `start`, $CLUSTER_DIR/cluster.env holds shell assignments for scripts:
-#   CLUSTER_URL, CLUSTER_WS_URL, NGINX_PORT, REDIS_URL, GATEWAY_COUNT, GATEWAY_URLS, GATEWAY_IDS
+#   CLUSTER_URL, CLUSTER_WS_URL, NGINX_PORT, REDIS_URL, GATEWAY_COUNT, GATEWAY_URLS, GATEWAY_IDS,
+#   API_KEY (the server API's key, for `curl -H "Authorization: Bearer $API_KEY" $CLUSTER_URL/api/…`)
 # Logs: $CLUSTER_DIR/logs/{redis,gateway-<id>,nginx}.log
 set -euo pipefail
 
@@ -231,13 +235,23 @@ cmd_start() {
 
   # --- gateways -----------------------------------------------------------------------
   local prefix="${INSTANCE_PREFIX:-local}" i port id urls=() ids=() ports=()
+  # The web client pages a room's older history over the server API: show the newest 50
+  # on a fresh join (never more than HISTORY_SIZE, which the gateway requires).
+  local replay="${JOIN_REPLAY_LIMIT:-50}"
+  if [[ "${HISTORY_SIZE:-}" =~ ^[0-9]+$ ]] && [[ "$replay" =~ ^[0-9]+$ ]] && [ "$HISTORY_SIZE" -lt "$replay" ]; then
+    replay="$HISTORY_SIZE"
+  fi
+  # The API exists only with a key: yours, else a random one for this cluster (in
+  # cluster.env). Exported, not on the command line, so it stays out of the logs.
+  API_KEY="${API_KEY:-$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')}"
+  export API_KEY
   for i in $(seq 1 "$n"); do
     port="$(free_port)"
     id="$prefix-$i"
     # APP_ENV=production: never read a .env file.
     launch "gateway-$id" "$gw_bin" env "APP_ENV=${APP_ENV:-production}" \
       HOST=127.0.0.1 "PORT=$port" "REDIS_URL=$redis_url" "INSTANCE_ID=$id" \
-      TRUSTED_PROXIES=127.0.0.1/32 \
+      TRUSTED_PROXIES=127.0.0.1/32 "JOIN_REPLAY_LIMIT=$replay" \
       "LOG_FORMAT=${LOG_FORMAT:-pretty}" NO_COLOR=1 "$gw_bin"
     urls+=("http://127.0.0.1:$port"); ids+=("$id"); ports+=("$port")
   done
@@ -291,7 +305,9 @@ cmd_start() {
     echo "GATEWAY_IDS='${ids[*]}'"
     echo "GATEWAY_BIN='$gw_bin'"
     echo "GATEWAY_GRACE_SECS='${SHUTDOWN_GRACE_SECS:-25}'"
+    printf 'API_KEY=%q\n' "$API_KEY"
   } > "$envfile"
+  chmod 600 "$envfile"
   started=1
   say "nginx on 127.0.0.1:$nport → ${ids[*]}"
   say "state in $dir (cluster.env, logs/)"

@@ -48,3 +48,60 @@ export function messages(page, text) {
     .locator('ol.messages:not([hidden]) > li.msg[data-id]')
     .filter({ has: page.locator('.text', { hasText: exactly(text) }) });
 }
+
+/**
+ * Records a page's dialogs (dismissed at once) and uncaught script errors in `problems`
+ * (`{dialogs: [], pageErrors: []}`), each prefixed with `who`.
+ */
+export function watch(page, who, problems) {
+  page.on('dialog', async (d) => {
+    problems.dialogs.push(`${who}: ${d.type()} ${d.message()}`);
+    await d.dismiss().catch(() => {});
+  });
+  page.on('pageerror', (e) => problems.pageErrors.push(`${who}: ${e.message}`));
+}
+
+/** Types `text` in the message box and presses Enter; waits for its stored copy unless `confirmed` is false. */
+export async function send(page, text, { confirmed = true } = {}) {
+  const box = page.getByRole('textbox', { name: /^Message #/ });
+  await box.fill(text);
+  await box.press('Enter');
+  if (confirmed) await messages(page, text).waitFor();
+}
+
+/**
+ * A first-time visitor called `name` in a new browser context (desktop-sized unless
+ * `contextOptions` say otherwise), on `url`: the name dialog answered, connected.
+ */
+export async function openUser(browser, url, name, { contextOptions = {}, problems } = {}) {
+  const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 }, ...contextOptions });
+  ctx.setDefaultTimeout(15000);
+  const page = await ctx.newPage();
+  if (problems) watch(page, name, problems);
+  await page.goto(url);
+  // First visit: the page asks for a name.
+  await page.getByLabel('Your name', { exact: true }).fill(name);
+  await page.getByRole('button', { name: 'Start chatting' }).click();
+  await page.locator('#name-dialog').waitFor({ state: 'hidden' });
+  const instance = await connectedInstance(page);
+  return { name, ctx, page, instance };
+}
+
+/**
+ * Reloads `user.page` until its WebSocket is on an instance that `wanted(instance)`
+ * accepts: nginx balances round-robin, but page loads also fetch CSS/JS through it, so one
+ * extra request shifts the rotation. A restarted instance gets nothing until nginx's
+ * `fail_timeout` (5 s) after its last failure has passed, hence a time bound rather than
+ * a number of tries. Updates `user.instance`; returns the reloads it took.
+ */
+export async function landOn(user, baseUrl, wanted, { timeoutMs = 20000 } = {}) {
+  const deadline = Date.now() + timeoutMs;
+  let reloads = 0;
+  for (; Date.now() < deadline && !wanted(user.instance); reloads++) {
+    await fetch(`${baseUrl}/healthz`).then((r) => r.arrayBuffer());
+    await user.page.reload();
+    user.instance = await connectedInstance(user.page);
+  }
+  assert.ok(wanted(user.instance), `${user.name ?? user.who} is on ${user.instance} after ${reloads} reloads`);
+  return reloads;
+}

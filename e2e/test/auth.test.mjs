@@ -10,7 +10,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import { connectedInstance, messages, startStackAndBrowser } from '../lib/fixture.mjs';
+import { connectedInstance, landOn, messages, send, startStackAndBrowser, watch as watchPage } from '../lib/fixture.mjs';
 import { signHs256, nowSecs } from '../lib/jwt.mjs';
 import { artifactsDir } from '../lib/stack.mjs';
 
@@ -19,8 +19,8 @@ const SECRET = crypto.randomBytes(32).toString('hex');
 
 let stack;
 let browser;
-const dialogs = [];
-const pageErrors = [];
+const problems = { dialogs: [], pageErrors: [] };
+const { dialogs, pageErrors } = problems;
 /** Every token minted here: none may show up in a gateway's log. */
 const minted = [];
 /** alice and bob: signed in, on different instances; their pages stay open. */
@@ -28,7 +28,9 @@ let alice;
 let bob;
 
 before(async () => {
-  ({ stack, browser } = await startStackAndBrowser({ name: 'auth', gatewayEnv: { AUTH_JWT_SECRET: SECRET, AUTH_ANONYMOUS: 'read' } }));
+  // API_KEY: the server API exists (the page reads older history through it with its token).
+  const API_KEY = crypto.randomBytes(24).toString('hex');
+  ({ stack, browser } = await startStackAndBrowser({ name: 'auth', gatewayEnv: { AUTH_JWT_SECRET: SECRET, AUTH_ANONYMOUS: 'read', API_KEY } }));
 });
 
 after(async () => {
@@ -46,13 +48,7 @@ function mint(sub, name, { ttl = 600, iat = nowSecs(), rooms } = {}) {
   return token;
 }
 
-function watch(page, who) {
-  page.on('dialog', async (d) => {
-    dialogs.push(`${who}: ${d.type()} ${d.message()}`);
-    await d.dismiss().catch(() => {});
-  });
-  page.on('pageerror', (e) => pageErrors.push(`${who}: ${e.message}`));
-}
+const watch = (page, who) => watchPage(page, who, problems);
 
 async function openPage(who, hash) {
   const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 } });
@@ -63,13 +59,6 @@ async function openPage(who, hash) {
   return { who, ctx, page };
 }
 
-
-async function send(page, text, { confirmed = true } = {}) {
-  const box = page.getByRole('textbox', { name: /^Message #/ });
-  await box.fill(text);
-  await box.press('Enter');
-  if (confirmed) await messages(page, text).waitFor();
-}
 
 /** The page's address as the browser shows it: no token, the room kept. */
 async function assertTokenGone(page, token) {
@@ -97,12 +86,7 @@ test('a token in the URL: its name, read-only, seen by another user on the other
   await assertTokenGone(bob.page, bobToken);
   // Round-robin also serves the page's files: shift the rotation until bob is on the other
   // instance. A reload signs in with the token stored by the first visit.
-  let reloads = 0;
-  for (; reloads < 10 && bob.instance === alice.instance; reloads++) {
-    await fetch(`${stack.baseUrl}/healthz`).then((r) => r.arrayBuffer());
-    await bob.page.reload();
-    bob.instance = await connectedInstance(bob.page);
-  }
+  const reloads = await landOn(bob, stack.baseUrl, (i) => i !== alice.instance);
   console.log(`# alice on ${alice.instance}, bob on ${bob.instance} (after ${reloads} reloads)`);
   assert.notEqual(bob.instance, alice.instance, 'the two browsers should be on different instances');
   assert.equal(await bob.page.locator('#user-name').textContent(), 'Bob');
@@ -118,6 +102,22 @@ test('a token in the URL: its name, read-only, seen by another user on the other
   const atAlice = messages(alice.page, hello);
   assert.equal(await atAlice.evaluate((li) => li.classList.contains('own')), true, 'own message, by user id');
   assert.equal(await atAlice.locator('.you').count(), 1);
+
+  // Who is here: listed by user id under the token's name; "you" is the token's `sub`.
+  const members = (page) =>
+    page.waitForFunction(() => document.querySelectorAll('#member-list > li.member').length === 2).then(() =>
+      page.locator('#member-list > li.member').evaluateAll((lis) => lis.map((li) => `${li.dataset.user}:${li.querySelector('.member-name').textContent}${li.querySelector('.you') ? ' (you)' : ''}`)),
+    );
+  assert.deepEqual(await members(alice.page), ['u-alice:Alice Liddell (you)', 'u-bob:Bob']);
+  assert.deepEqual(await members(bob.page), ['u-bob:Bob (you)', 'u-alice:Alice Liddell']);
+  assert.equal(await bob.page.locator('#online-count').textContent(), '2 online');
+  // Older history over HTTP is read with the page's token (Authorization: Bearer), so the
+  // token's `rooms` apply: its room is read, another is refused in words.
+  const older = (room) => alice.page.evaluate((r) => window.chat.fetchOlder(r, 1000), room);
+  const own = await older(ROOM);
+  assert.equal(own.kind, 'page', JSON.stringify(own));
+  assert.deepEqual(own.messages.map((m) => [m.text, m.user]), [['Hello from a signed-in Alice.', 'u-alice']]);
+  assert.deepEqual(await older('private'), { kind: 'error', text: 'Could not load older messages: your sign-in does not give you access to this room.' });
 
   const reply = 'Hi Alice, Bob here.';
   await send(bob.page, reply);
@@ -189,6 +189,17 @@ test('without a token (AUTH_ANONYMOUS=read) the room can be read; sending says w
   await failed.waitFor();
   assert.match(await failed.locator('.pending-status').textContent(), /^Not sent\. Sending needs a sign-in: without one you can read this room, not write in it\.$/);
   await dana.page.getByRole('alert').locator('.toast', { hasText: 'Sending needs a sign-in' }).waitFor();
+  // Typing the message sent `typing`, refused too (a reader may not type): not sent again
+  // on this connection, and no toast of its own.
+  assert.equal(await dana.page.evaluate(() => window.chat.typingRefused), true);
+  assert.equal(await dana.page.getByRole('alert').locator('.toast').count(), 1);
+  // Older history over HTTP needs no credential for a reader here (AUTH_ANONYMOUS=read).
+  const page = await dana.page.evaluate(() => window.chat.fetchOlder('signed', 1000));
+  assert.equal(page.kind, 'page', JSON.stringify(page));
+  assert.ok(page.messages.some((m) => m.text === 'Hi Alice, Bob here.'));
+  // A reader is not listed (its name is self-chosen): dana sees the signed-in users, not herself.
+  await dana.page.waitForFunction(() => document.querySelector('#online-count')?.textContent === '2 online');
+  assert.equal(await dana.page.locator('#member-list > li.member.self').count(), 0);
   await dana.ctx.close();
 });
 

@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import { connectedInstance, exactly, messages, startStackAndBrowser } from '../lib/fixture.mjs';
+import { connectedInstance, exactly, landOn, messages, openUser as openUserAt, send, startStackAndBrowser, watch as watchPage } from '../lib/fixture.mjs';
 import { artifactsDir, repoRoot } from '../lib/stack.mjs';
 
 const ROOM = 'lobby';
@@ -19,8 +19,8 @@ const XSS = '<img src=x onerror=alert(1)>';
 
 let stack;
 let browser;
-const dialogs = [];
-const pageErrors = [];
+const problems = { dialogs: [], pageErrors: [] };
+const { dialogs, pageErrors } = problems;
 
 /** alice, bob: the two desktop users; their page and instance. */
 const users = {};
@@ -38,40 +38,14 @@ after(async () => {
 
 // ---- helpers --------------------------------------------------------------------------------
 
+const watch = (page, who) => watchPage(page, who, problems);
 
-function watch(page, who) {
-  page.on('dialog', async (d) => {
-    dialogs.push(`${who}: ${d.type()} ${d.message()}`);
-    await d.dismiss().catch(() => {});
-  });
-  page.on('pageerror', (e) => pageErrors.push(`${who}: ${e.message}`));
+function openUser(name, { room = ROOM, contextOptions = {} } = {}) {
+  return openUserAt(browser, `${stack.baseUrl}/#room=${room}`, name, { contextOptions, problems });
 }
-
-async function openUser(name, { room = ROOM, contextOptions = {} } = {}) {
-  const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 }, ...contextOptions });
-  ctx.setDefaultTimeout(15000);
-  const page = await ctx.newPage();
-  watch(page, name);
-  await page.goto(`${stack.baseUrl}/#room=${room}`);
-  // First visit: the page asks for a name.
-  const nameBox = page.getByLabel('Your name', { exact: true });
-  await nameBox.fill(name);
-  await page.getByRole('button', { name: 'Start chatting' }).click();
-  await page.locator('#name-dialog').waitFor({ state: 'hidden' });
-  const instance = await connectedInstance(page);
-  return { name, ctx, page, instance };
-}
-
 
 function pending(page, text) {
   return page.locator('#pending-list > li.pending').filter({ has: page.locator('.text', { hasText: exactly(text) }) });
-}
-
-async function send(page, text, { confirmed = true } = {}) {
-  const box = page.getByRole('textbox', { name: /^Message #/ });
-  await box.fill(text);
-  await box.press('Enter');
-  if (confirmed) await messages(page, text).waitFor();
 }
 
 async function visibleLog(page) {
@@ -120,14 +94,8 @@ const lobbyTexts = [];
 test('two people on different instances chat both ways', { timeout: 60000 }, async () => {
   users.alice = await openUser('alice');
   users.bob = await openUser('bob');
-  // nginx balances round-robin, but page loads also fetch CSS/JS through it: if bob's
-  // WebSocket landed on alice's instance, shift the rotation by one request and reload.
-  let reloads = 0;
-  for (; reloads < 10 && users.bob.instance === users.alice.instance; reloads++) {
-    await fetch(`${stack.baseUrl}/healthz`).then((r) => r.arrayBuffer());
-    await users.bob.page.reload();
-    users.bob.instance = await connectedInstance(users.bob.page);
-  }
+  // If bob's WebSocket landed on alice's instance, shift nginx's rotation and reload.
+  const reloads = await landOn(users.bob, stack.baseUrl, (i) => i !== users.alice.instance);
   console.log(`# alice on ${users.alice.instance}, bob on ${users.bob.instance} (after ${reloads} reloads)`);
   assert.notEqual(users.bob.instance, users.alice.instance, 'the two browsers should be on different instances');
   assert.deepEqual(new Set([users.alice.instance, users.bob.instance]), new Set(['gateway-1', 'gateway-2']));
@@ -295,16 +263,19 @@ test('a pending message survives a reconnect and is delivered once', { timeout: 
   const { bob } = users;
   // carol's WebSocket goes through a Playwright route that forwards every frame to the real
   // server (via nginx), and cuts the connection at chosen moments.
-  const wire = { sends: new Map(), mode: null, refuse: false, cut: null };
+  const wire = { sends: new Map(), refs: new Map(), urls: [], mode: null, refuse: false, cut: null, held: null };
   const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 } });
   ctx.setDefaultTimeout(15000);
   await ctx.routeWebSocket(/\/ws(\?|$)/, (ws) => {
+    wire.urls.push(ws.url());
     if (wire.refuse) {
       ws.close({ code: 1013, reason: 'test: refused' });
       return;
     }
     const server = ws.connectToServer();
     let open = true;
+    /** A `send` kept from the server on this connection (see 'hold-send'), and its answer. */
+    let held = null;
     const cut = () => {
       if (!open) return;
       open = false;
@@ -317,10 +288,25 @@ test('a pending message survives a reconnect and is delivered once', { timeout: 
       const f = JSON.parse(String(data));
       if (f.type === 'send') {
         wire.sends.set(f.text, (wire.sends.get(f.text) ?? 0) + 1);
+        wire.refs.set(f.text, [...(wire.refs.get(f.text) ?? []), f.ref]);
         if (wire.mode?.kind === 'drop-send' && wire.mode.text === f.text) {
           // Lost on the way: the server never sees it.
           wire.mode = null;
           cut();
+          return;
+        }
+        if (wire.mode?.kind === 'hold-send' && wire.mode.text === f.text) {
+          // Delayed on the way: the browser loses this connection; the server's side of it
+          // stays open, and the frame reaches the server only when the test says so.
+          wire.mode = null;
+          let acked;
+          held = { ref: f.ref, acked: new Promise((resolve) => (acked = resolve)) };
+          held.resolve = acked;
+          held.release = () => server.send(data);
+          held.close = () => server.close({ code: 1000, reason: 'test: done' });
+          wire.held = held;
+          open = false;
+          ws.close({ code: 1012, reason: 'test: cut' });
           return;
         }
         if (wire.mode?.kind === 'drop-ack' && wire.mode.text === f.text) wire.mode.ref = f.ref;
@@ -328,8 +314,9 @@ test('a pending message survives a reconnect and is delivered once', { timeout: 
       server.send(data);
     });
     server.onMessage((data) => {
-      if (!open) return;
       const f = JSON.parse(String(data));
+      if (held && f.type === 'ack' && f.ref === held.ref) held.resolve(f);
+      if (!open) return;
       const m = wire.mode;
       if (m?.kind === 'drop-ack' && ((f.type === 'ack' && f.ref === m.ref) || (f.type === 'message' && f.text === m.text))) {
         // Stored, but the connection breaks before the browser hears of it.
@@ -385,18 +372,43 @@ test('a pending message survives a reconnect and is delivered once', { timeout: 
   await messages(bob.page, offline).waitFor();
   lobbyTexts.push(offline);
 
+  // 4. Stored only after it was re-sent: the first frame, held back on its old connection
+  //    (as if Redis had answered too late for the replay to show it), reaches the server
+  //    after the page re-sent the message, with the same ref, on a new connection. The
+  //    server answers the late one with the original's id and stores nothing.
+  const late = 'This one reached the server twice and was stored once.';
+  wire.mode = { kind: 'hold-send', text: late };
+  await send(page, late, { confirmed: false });
+  await messages(page, late).waitFor();
+  await messages(bob.page, late).waitFor();
+  const storedId = Number(await messages(page, late).getAttribute('data-id'));
+  wire.held.release();
+  const lateAck = await wire.held.acked;
+  wire.held.close();
+  assert.deepEqual(lateAck, { type: 'ack', ref: wire.refs.get(late)[0], room: ROOM, id: storedId });
+  lobbyTexts.push(late);
+
   // Barrier: one more message from carol. Frames on a connection are processed in order,
   // so any duplicate of the above would have reached bob before it.
-  await send(page, 'All three arrived exactly once.');
-  lobbyTexts.push('All three arrived exactly once.');
-  await messages(bob.page, 'All three arrived exactly once.').waitFor();
+  await send(page, 'All four arrived exactly once.');
+  lobbyTexts.push('All four arrived exactly once.');
+  await messages(bob.page, 'All four arrived exactly once.').waitFor();
 
-  for (const text of [lost, unacked, offline]) {
+  for (const text of [lost, unacked, offline, late]) {
     assert.equal(await messages(bob.page, text).count(), 1, `bob sees "${text}" once`);
     assert.equal(await messages(page, text).count(), 1, `carol sees "${text}" once`);
   }
   assert.equal(wire.sends.get(unacked), 1, 'a stored message is not sent again');
   assert.equal(wire.sends.get(offline), 1);
+  // A re-send is the same message to the server: the same ref, under the same client id.
+  for (const text of [lost, late]) {
+    const refs = wire.refs.get(text);
+    assert.equal(refs.length, 2, `"${text}" sent twice`);
+    assert.equal(refs[1], refs[0], `"${text}" re-sent with its ref`);
+  }
+  const clientId = await page.evaluate(() => sessionStorage.getItem('chat.client'));
+  assert.match(clientId, /^[A-Za-z0-9_-]{1,64}$/);
+  assert.deepEqual(new Set(wire.urls.map((u) => new URL(u).searchParams.get('client'))), new Set([clientId]));
   assert.equal(await page.locator('#pending-list > li').count(), 0, 'nothing left pending');
   const log = await visibleLog(bob.page);
   assert.deepEqual(log.map((m) => m.text), lobbyTexts);
@@ -438,6 +450,23 @@ test('resuming past the retained history shows a notice', { timeout: 30000 }, as
     .evaluateAll((lis) => lis.map((li) => (li.classList.contains('notice') ? '(notice)' : li.querySelector('.text').textContent)));
   assert.deepEqual(shown, ['Archive entry 1', 'Archive entry 2', '(notice)', 'Archive entry 4']);
   await screenshot(page, 'notice-desktop.png');
+
+  // A second tab on the room: a fresh join replays what is retained (entry 4 only), so
+  // older messages may exist. These gateways have no API_KEY: the page asks (404) and
+  // quietly stops offering them.
+  const tab = await carol.ctx.newPage();
+  watch(tab, 'carol (second tab)');
+  await tab.goto(`${stack.baseUrl}/#room=${room}`);
+  await messages(tab, 'Archive entry 4').waitFor();
+  const older = tab.getByRole('button', { name: 'Load older messages' });
+  const [res] = await Promise.all([tab.waitForResponse((r) => new URL(r.url()).pathname === `/api/rooms/${room}/messages`), older.click()]);
+  assert.equal(res.status(), 404);
+  await older.waitFor({ state: 'hidden' });
+  assert.equal(await tab.locator('#older-status').textContent(), '');
+  assert.deepEqual((await visibleLog(tab)).map((m) => m.text), ['Archive entry 4']);
+  // Another tab, another client id (the ids of retried sends must not meet).
+  const ids = await Promise.all([page, tab].map((p) => p.evaluate(() => sessionStorage.getItem('chat.client'))));
+  assert.notEqual(ids[0], ids[1]);
   await carol.ctx.close();
 });
 
