@@ -13,6 +13,7 @@ use bytes::Bytes;
 use chat_gateway::{
     bus::{BusEvent, BusEvents, Msg, memory::MemoryBus},
     hub::{Hub, MemberInfo},
+    metrics::Metrics,
     transport::{Bounds, Outbox, Socket, WriteScheduler},
 };
 use chat_protocol::{MessageTemplate, RoomName};
@@ -40,8 +41,12 @@ fn fanout(c: &mut Criterion) {
         .build()
         .unwrap_or_else(|e| panic!("runtime: {e}"));
     let room = RoomName::new("bench").unwrap_or_else(|_| unreachable!());
-    let hub = Arc::new(Hub::new(1024, WriteScheduler::immediate()));
-    let store = MemoryBus::new(200, Arc::new(Hub::new(16, WriteScheduler::immediate())));
+    let metrics = Metrics::new("bench").unwrap_or_else(|e| panic!("metrics: {e}"));
+    let hub = Arc::new(Hub::new(1024, WriteScheduler::immediate(), metrics.clone()));
+    let store = MemoryBus::new(
+        200,
+        Arc::new(Hub::new(16, WriteScheduler::immediate(), metrics)),
+    );
     let bounds = Bounds {
         live: 1 << 20,
         live_bytes: 1 << 30,

@@ -29,8 +29,9 @@ use crate::{
     },
     config::Config,
     hub::Hub,
+    metrics::Metrics,
     presence::{self, Presence},
-    routes::router,
+    routes::{metrics_router, router},
     state::AppState,
     transport::WriteScheduler,
 };
@@ -55,6 +56,9 @@ pub enum AppError {
     /// The HTTP server failed.
     #[error("server error: {0}")]
     Serve(#[from] io::Error),
+    /// The metrics exporter refused its settings.
+    #[error("metrics: {0}")]
+    Metrics(#[from] metrics_exporter_prometheus::BuildError),
 }
 
 impl AppError {
@@ -63,7 +67,7 @@ impl AppError {
         match self {
             AppError::Bus(e) => e.is_config(),
             AppError::Auth(_) => true,
-            AppError::Bind { .. } | AppError::Serve(_) => false,
+            AppError::Bind { .. } | AppError::Serve(_) | AppError::Metrics(_) => false,
         }
     }
 }
@@ -72,6 +76,8 @@ impl AppError {
 #[derive(Debug)]
 pub struct App {
     listener: TcpListener,
+    /// `/metrics` alone, on `METRICS_PORT`.
+    metrics_listener: Option<TcpListener>,
     state: Arc<AppState>,
 }
 
@@ -88,20 +94,34 @@ impl App {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| AppError::Bind { addr, source })?;
-        Ok(App { listener, state })
+        let metrics_listener = bind_metrics(&state.config)?;
+        Ok(App {
+            listener,
+            metrics_listener,
+            state,
+        })
     }
 
     /// Sets up the hub and the bus around an already bound listener (tests bind port 0).
     pub fn with_listener(config: Config, listener: TcpListener) -> Result<App, AppError> {
+        let state = start(config)?;
         Ok(App {
             listener,
-            state: start(config)?,
+            metrics_listener: bind_metrics(&state.config)?,
+            state,
         })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The address `/metrics` is served on when `METRICS_PORT` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// The shared state (tests inspect it).
@@ -122,7 +142,11 @@ impl App {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), AppError> {
-        let App { listener, state } = self;
+        let App {
+            listener,
+            metrics_listener,
+            state,
+        } = self;
         let token = state.shutdown.clone();
         tokio::spawn(async move {
             shutdown.await;
@@ -156,17 +180,51 @@ impl App {
             }
         };
         let header_timeout = state.config.http_header_timeout;
+        // Scrapes go on through the drain: the metrics stop with the server.
+        let metrics_stop = CancellationToken::new();
+        if let Some(metrics_listener) = metrics_listener {
+            let (routes, stop) = (metrics_router(state.clone()), metrics_stop.clone());
+            tokio::spawn(async move {
+                serve_with(
+                    metrics_listener,
+                    routes,
+                    stop.cancelled_owned(),
+                    header_timeout,
+                )
+                .await;
+            });
+        }
         serve_with(listener, router(state.clone()), drained, header_timeout).await;
+        metrics_stop.cancel();
         state.bus.shutdown().await;
         info!("stopped");
         Ok(())
     }
 }
 
+/// Binds `HOST:METRICS_PORT` when it is set. A std listener made non-blocking, so that
+/// [`App::with_listener`] stays synchronous.
+fn bind_metrics(config: &Config) -> Result<Option<TcpListener>, AppError> {
+    let Some(port) = config.metrics_port else {
+        return Ok(None);
+    };
+    let addr = SocketAddr::new(config.host, port);
+    let bind = || {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        TcpListener::from_std(listener)
+    };
+    let listener = bind().map_err(|source| AppError::Bind { addr, source })?;
+    info!(addr = ?listener.local_addr().ok(), "serving /metrics on METRICS_PORT only");
+    Ok(Some(listener))
+}
+
 /// Starts the hub, the bus chosen by `REDIS_URL` and the repair worker.
 fn start(config: Config) -> Result<Arc<AppState>, AppError> {
+    let metrics = Metrics::new(env!("CARGO_PKG_VERSION"))?;
+    metrics.keep_up();
     let writes = WriteScheduler::coalescing(config.write_coalesce);
-    let hub = Arc::new(Hub::new(config.client_queue, writes));
+    let hub = Arc::new(Hub::new(config.client_queue, writes, metrics.clone()));
     let events: Arc<dyn BusEvents> = hub.clone();
     let bus = match &config.redis_url {
         None => {
@@ -191,6 +249,7 @@ fn start(config: Config) -> Result<Arc<AppState>, AppError> {
                 tls_insecure: config.redis_tls_insecure,
                 tls_ca_file: config.redis_tls_ca_file.clone(),
                 room_idle_ttl: config.room_idle_ttl,
+                reconnects: metrics.redis_reconnects.clone(),
             };
             AnyBus::Redis(RedisBus::connect(&settings, events)?)
         }
@@ -214,7 +273,9 @@ fn start(config: Config) -> Result<Arc<AppState>, AppError> {
         config.presence_max_users,
     ));
     presence::spawn_renewals(presence.clone(), bus.clone());
-    Ok(Arc::new(AppState::new(config, hub, bus, auth, presence)))
+    Ok(Arc::new(AppState::new(
+        config, hub, bus, auth, presence, metrics,
+    )))
 }
 
 /// Accepts HTTP/1.1 connections until `stop` resolves, with the default header timeout

@@ -171,6 +171,9 @@ pub struct Config {
     /// Users listed in a `presence` frame at most (`PRESENCE_MAX_USERS`, default 1000);
     /// `count` is always exact.
     pub presence_max_users: usize,
+    /// `METRICS_PORT`: `/metrics` is served on this port only (on `HOST`) instead of the
+    /// public one; 0 picks a free port (tests).
+    pub metrics_port: Option<u16>,
 }
 
 /// How tokens are verified (any one or more key sources).
@@ -247,6 +250,7 @@ struct Raw {
     presence: Option<String>,
     presence_ttl_secs: Option<u64>,
     presence_max_users: Option<usize>,
+    metrics_port: Option<u16>,
 }
 
 impl Config {
@@ -479,6 +483,13 @@ impl Config {
                 "must be at most 128 bytes without control characters",
             ));
         }
+        let port = raw.port.unwrap_or(4444);
+        if raw.metrics_port.is_some_and(|m| m == port && m != 0) {
+            return Err(invalid(
+                "METRICS_PORT",
+                "must differ from PORT (it takes /metrics off the public port)",
+            ));
+        }
         let worker_threads = raw.tokio_worker_threads;
         if worker_threads == Some(0) {
             return Err(invalid("TOKIO_WORKER_THREADS", "must be at least 1"));
@@ -486,7 +497,7 @@ impl Config {
 
         Ok(Config {
             host,
-            port: raw.port.unwrap_or(4444),
+            port,
             redis_url: raw.redis_url.map(Secret::new),
             redis_prefix,
             default_room,
@@ -527,6 +538,7 @@ impl Config {
             presence,
             presence_ttl: Duration::from_secs(presence_ttl),
             presence_max_users,
+            metrics_port: raw.metrics_port,
         })
     }
 }

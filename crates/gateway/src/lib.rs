@@ -14,6 +14,7 @@ pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod hub;
+pub mod metrics;
 pub mod presence;
 pub mod routes;
 pub mod session;

@@ -18,24 +18,37 @@ use crate::{
     api,
     auth::Principal,
     bus::Bus,
+    metrics::{Refused, Scraped},
     session::{self, ConnectParams, Endpoint},
     state::AppState,
     transport::Upgrade,
     web,
 };
 
-/// The HTTP routes.
+/// The HTTP routes. `/metrics` is among them unless `METRICS_PORT` moves it to
+/// [`metrics_router`].
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let mut routes = Router::new()
         .route("/ws", get(websocket).layer(Extension(Endpoint::Ws)))
         .route(
             "/websocket",
             get(websocket).layer(Extension(Endpoint::Legacy)),
         )
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(readyz));
+    if state.config.metrics_port.is_none() {
+        routes = routes.route("/metrics", get(metrics));
+    }
+    routes
         .merge(api::router(&state))
         .fallback_service(web::files(state.clone()))
+        .with_state(state)
+}
+
+/// `/metrics` alone, for `METRICS_PORT`.
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -50,9 +63,11 @@ async fn websocket(
     State(state): State<Arc<AppState>>,
 ) -> Response {
     if state.shutdown.is_cancelled() {
+        state.metrics.refused(Refused::Shutdown);
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
     if !state.config.allowed_origins.allows(&headers) {
+        state.metrics.refused(Refused::Origin);
         warn!(origin = ?headers.get(header::ORIGIN), "refused a WebSocket from another origin");
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
@@ -61,6 +76,7 @@ async fn websocket(
         Some(auth) => match auth.principal(bearer(&headers, &params)).await {
             Ok(principal) => principal,
             Err(why) => {
+                state.metrics.refused(Refused::Auth);
                 debug!(reason = %why, "refused a WebSocket without a valid token");
                 let body = Json(json!({"error": "unauthorized", "message": why.to_string()}));
                 return (StatusCode::UNAUTHORIZED, body).into_response();
@@ -70,15 +86,9 @@ async fn websocket(
     let ip = client_ip(peer.ip(), &headers, &state.config.trusted_proxies);
     let slot = match state.connections.admit(ip) {
         Ok(slot) => slot,
-        Err(Refusal::Instance) => {
-            return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
-        }
-        Err(Refusal::Address) => {
-            return (
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many connections from your address",
-            )
-                .into_response();
+        Err(refusal) => {
+            state.metrics.refused(Refused::Limit);
+            return refused_over_limit(refusal);
         }
     };
     let task = state.tracker.token();
@@ -87,6 +97,19 @@ async fn websocket(
         let _slot = slot;
         session::run(socket, state, params, at, principal).await;
     })
+}
+
+fn refused_over_limit(refusal: Refusal) -> Response {
+    match refusal {
+        Refusal::Instance => {
+            (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response()
+        }
+        Refusal::Address => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections from your address",
+        )
+            .into_response(),
+    }
 }
 
 /// The token of a connect request: `Authorization: Bearer …`, else the `token` query
@@ -99,6 +122,23 @@ fn bearer<'a>(headers: &'a HeaderMap, params: &'a ConnectParams) -> Option<&'a s
         .map(str::trim)
         .or_else(|| params.token.as_ref().map(|t| t.expose()))
         .filter(|t| !t.is_empty())
+}
+
+/// Prometheus text exposition (version 0.0.4) of this instance's series.
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let body = state.metrics.render(Scraped {
+        rooms_served: state.hub.room_count(),
+        room_subscriptions: state.bus.room_subscriptions(),
+        bus_ready: state.bus.is_ready(),
+    });
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 async fn healthz() -> &'static str {

@@ -6,11 +6,20 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
 };
 
+use chat_protocol::{MessageTemplate, RoomName};
+use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    admission::ConnectionLimit, auth::Auth, bus::AnyBus, config::Config, hub::Hub,
-    presence::Presence, transport, transport::ConnId,
+    admission::ConnectionLimit,
+    auth::Auth,
+    bus::{AnyBus, Bus, BusError, Dedupe, Published},
+    config::Config,
+    hub::Hub,
+    metrics::Metrics,
+    presence::Presence,
+    transport,
+    transport::ConnId,
 };
 
 /// The instance's shared state.
@@ -28,6 +37,8 @@ pub struct AppState {
     pub auth: Option<Arc<Auth>>,
     /// Who is here, as this instance sees it.
     pub presence: Arc<Presence>,
+    /// The Prometheus series.
+    pub metrics: Arc<Metrics>,
     /// Cancelled when the instance starts shutting down.
     pub shutdown: CancellationToken,
     /// Every WebSocket task, so shutdown can wait for them.
@@ -45,6 +56,7 @@ impl AppState {
         bus: AnyBus,
         auth: Option<Arc<Auth>>,
         presence: Arc<Presence>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let transport = transport::Settings {
             bounds: transport::Bounds {
@@ -56,6 +68,7 @@ impl AppState {
             read_limit: config.max_frame_bytes.saturating_mul(4),
             ping_every: config.ping_interval,
             write_timeout: config.write_timeout,
+            bytes_sent: metrics.bytes_sent.clone(),
         };
         AppState {
             connections: ConnectionLimit::new(
@@ -68,6 +81,7 @@ impl AppState {
             bus,
             auth,
             presence,
+            metrics,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             next_conn: AtomicU64::new(0),
@@ -77,6 +91,24 @@ impl AppState {
     /// Open WebSocket connections on this instance.
     pub fn connection_count(&self) -> usize {
         self.connections.open()
+    }
+
+    /// Publishes a send (a client's or the server API's) on the bus: the one path every
+    /// message takes, counted here (received, published, the round trip's duration).
+    pub async fn publish(
+        &self,
+        room: &RoomName,
+        message: &MessageTemplate,
+        dedupe: Option<&Dedupe>,
+    ) -> Result<Published, BusError> {
+        self.metrics.received.increment(1);
+        let started = Instant::now();
+        let published = self.bus.publish(room, message, dedupe).await;
+        self.metrics.publish_duration.record(started.elapsed());
+        if matches!(&published, Ok(p) if !p.duplicate) {
+            self.metrics.published.increment(1);
+        }
+        published
     }
 
     /// A fresh connection id.

@@ -15,7 +15,7 @@ mod server;
 
 pub use client::{ClientFrame, Limits, parse_client_frame};
 pub use error::{ErrorCode, FrameError};
-pub use message::{MessageFrame, MessageTemplate, peek_id};
+pub use message::{MessageFrame, MessageTemplate, peek_id, peek_ts};
 pub use names::{NameError, RoomName, Username};
 pub use server::{PresenceUser, ServerFrame};
 

@@ -81,6 +81,18 @@ pub fn peek_id(frame: &[u8]) -> Option<u64> {
     serde_json::from_slice::<Head>(frame).ok().map(|h| h.id)
 }
 
+/// Reads the `ts` of a stored `message` frame from its end (`…,"ts":N}`, the layout
+/// [`MessageTemplate::render`] and the publish script produce) without parsing the rest.
+pub fn peek_ts(frame: &[u8]) -> Option<u64> {
+    let body = frame.strip_suffix(TEMPLATE_TAIL.as_bytes())?;
+    let digits = body.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    let (head, ts) = body.split_at(body.len() - digits);
+    if digits == 0 || !head.ends_with(b"\"ts\":") {
+        return None;
+    }
+    std::str::from_utf8(ts).ok()?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,6 +124,20 @@ mod tests {
             assert_eq!(rendered, serde_json::to_string(&frame).unwrap());
             assert_eq!(peek_id(rendered.as_bytes()), Some(42));
         }
+    }
+
+    #[test]
+    fn peek_ts_reads_the_last_field_and_refuses_anything_else() {
+        let room = RoomName::new("r").unwrap();
+        let t = MessageTemplate::with_user(&room, "ann", Some("u1"), "\"ts\":5}");
+        assert_eq!(
+            peek_ts(t.render(7, 1_700_000_000_123).as_bytes()),
+            Some(1_700_000_000_123)
+        );
+        assert_eq!(peek_ts(br#"{"ts":}"#), None);
+        assert_eq!(peek_ts(br#"{"id":12}"#), None);
+        assert_eq!(peek_ts(b"12}"), None);
+        assert_eq!(peek_ts(b""), None);
     }
 
     #[test]

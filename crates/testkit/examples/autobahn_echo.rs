@@ -14,35 +14,33 @@
 //! `Connection::close` with the `CloseReason` a session would return. Only the limits
 //! differ: group 9 sends messages of up to 16 MiB.
 
-use std::{
-    sync::atomic::{AtomicU64, Ordering},
-    time::Duration,
-};
+use std::time::Duration;
 
 use axum::{Router, routing::get};
 use chat_gateway::{
     app,
+    metrics::Counter,
     transport::{Bounds, CloseReason, Connection, Settings, Upgrade, Upgraded, frame},
 };
 use futures_util::StreamExt;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 
-const SETTINGS: Settings = Settings {
-    bounds: Bounds {
-        live: 1 << 16,
-        live_bytes: 1 << 30,
-    },
-    read_limit: 32 << 20,
-    ping_every: Duration::from_secs(3600),
-    write_timeout: Duration::from_secs(60),
-};
-
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+fn settings() -> Settings {
+    Settings {
+        bounds: Bounds {
+            live: 1 << 16,
+            live_bytes: 1 << 30,
+        },
+        read_limit: 32 << 20,
+        ping_every: Duration::from_secs(3600),
+        write_timeout: Duration::from_secs(60),
+        bytes_sent: Counter::noop(),
+    }
+}
 
 async fn echo(upgraded: Upgraded) {
-    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    let mut conn = Connection::open(upgraded, &SETTINGS, id).await;
+    let mut conn = Connection::open(upgraded, &settings()).await;
     let reason = loop {
         let message = match conn.reader.next().await {
             None => break CloseReason::PeerClosed,

@@ -11,6 +11,7 @@ use crate::WAIT;
 /// A running in-process gateway; shut down on drop.
 pub struct TestGateway {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     state: Arc<AppState>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<Result<(), chat_gateway::AppError>>>,
@@ -44,11 +45,13 @@ impl TestGateway {
                 .map_err(|_| anyhow::anyhow!("gateway's bus did not connect"))?;
         }
         let addr = app.local_addr()?;
+        let metrics_addr = app.metrics_addr();
         let state = app.state().clone();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(app.run(shutdown.clone().cancelled_owned()));
         Ok(TestGateway {
             addr,
+            metrics_addr,
             state,
             shutdown,
             task: Some(task),
@@ -65,6 +68,11 @@ impl TestGateway {
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where `/metrics` is served when `METRICS_PORT` is set (`0` picks a free port).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// `ws://ADDR{path}`, e.g. `ws_url("/ws?room=a")`.

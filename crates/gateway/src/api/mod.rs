@@ -145,7 +145,6 @@ async fn post_message(
     let template = post.template(&room, state.config.max_text_bytes)?;
     let dedupe = post.dedupe(state.config.idempotency_window)?;
     let published = state
-        .bus
         .publish(&room, &template, dedupe.as_ref())
         .await
         .map_err(|err| Failure::unavailable(&room, &err))?;

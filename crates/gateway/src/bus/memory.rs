@@ -120,6 +120,14 @@ impl Inner {
     }
 }
 
+impl MemoryBus {
+    /// Rooms this instance has members in (is "subscribed" to).
+    pub fn room_subscriptions(&self) -> usize {
+        let logs: Vec<_> = lock(&self.inner.rooms).values().cloned().collect();
+        logs.iter().filter(|log| lock(log).subscribed).count()
+    }
+}
+
 impl fmt::Debug for MemoryBus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryBus")

@@ -344,6 +344,14 @@ impl AnyBus {
         }
     }
 
+    /// Room channels this instance is subscribed to (not the health probe's).
+    pub fn room_subscriptions(&self) -> usize {
+        match self {
+            AnyBus::Memory(m) => m.room_subscriptions(),
+            AnyBus::Redis(r) => r.room_subscriptions(),
+        }
+    }
+
     /// Closes connections (Redis: QUIT).
     pub async fn shutdown(&self) {
         if let AnyBus::Redis(r) = self {

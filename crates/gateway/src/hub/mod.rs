@@ -28,12 +28,13 @@ use std::{
 };
 
 use bytes::Bytes;
-use chat_protocol::RoomName;
+use chat_protocol::{RoomName, peek_ts};
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use crate::{
     bus::{Bus, BusError, BusEvent, BusEvents, Epoch, Msg},
+    metrics::Metrics,
     sync::lock,
     transport::{Class, CloseReason, ConnId, Outbox, PendingWrites, WriteScheduler, frame},
 };
@@ -164,6 +165,8 @@ pub struct Hub {
     /// Rooms waiting for the repair worker (at most one entry per room).
     repairs: Mutex<HashSet<RoomName>>,
     repair_wake: Notify,
+    /// Deliveries, delivery lag, gaps, repairs and resets are counted here.
+    metrics: Arc<Metrics>,
 }
 
 impl fmt::Debug for Hub {
@@ -176,14 +179,15 @@ impl fmt::Debug for Hub {
 
 impl Hub {
     /// An empty hub; joins and repairs buffer at most `buffer_cap` live messages; delivered
-    /// messages are written by `writes`.
-    pub fn new(buffer_cap: usize, writes: WriteScheduler) -> Self {
+    /// messages are written by `writes` and counted in `metrics`.
+    pub fn new(buffer_cap: usize, writes: WriteScheduler, metrics: Arc<Metrics>) -> Self {
         Hub {
             rooms: Mutex::new(HashMap::new()),
             buffer_cap,
             writes,
             repairs: Mutex::new(HashSet::new()),
             repair_wake: Notify::new(),
+            metrics,
         }
     }
 
@@ -277,6 +281,7 @@ impl Hub {
         buffered.sort_by_key(|m| m.id);
         let mut last_id = after;
         let mut hole = false;
+        let mut delivered = 0u64;
         for msg in buffered.iter().filter(|m| m.id > after) {
             if msg.id != last_id + 1 {
                 // A live message was lost while this member joined: the room's repair
@@ -292,7 +297,9 @@ impl Hub {
             {
                 return GoLive::Gone;
             }
+            delivered += 1;
         }
+        self.metrics.delivered.increment(delivered);
         for frame in joined(last_id) {
             if member.outbox.push(frame, Class::Reply).is_err() {
                 return GoLive::Gone;
@@ -307,6 +314,7 @@ impl Hub {
         member.last = last_id;
         member.epoch = epoch;
         if hole {
+            self.metrics.gaps_detected.increment(1);
             let cap = self.buffer_cap;
             let pending = repair.get_or_insert_with(Buffer::default);
             for msg in buffered.iter().filter(|m| m.id > last_id) {
@@ -376,14 +384,26 @@ impl Hub {
         let mut st = entry.state();
         let RoomState { members, repair } = &mut *st;
         let mut gap = false;
+        let mut delivered = 0u64;
         for member in members.values_mut() {
             match member.joining.as_mut() {
                 Some(buffer) => buffer.push(&msg, cap),
                 None if repair.is_some() => {}
                 None => {
                     let wire = wire.get_or_insert_with(|| frame::text(&msg.json));
-                    gap |= matches!(deliver(member, msg.id, wire, pending), Delivery::Gap);
+                    match deliver(member, msg.id, wire, pending) {
+                        Delivery::Delivered => delivered += 1,
+                        Delivery::Duplicate => {}
+                        Delivery::Gap => gap = true,
+                    }
                 }
+            }
+        }
+        // Counted once per message, not per member.
+        if delivered > 0 {
+            self.metrics.delivered.increment(delivered);
+            if let Some(ts) = peek_ts(&msg.json) {
+                self.metrics.delivery_lag(ts);
             }
         }
         match repair {
@@ -393,6 +413,7 @@ impl Hub {
                 buffer.push(&msg, cap);
                 *repair = Some(buffer);
                 drop(st);
+                self.metrics.gaps_detected.increment(1);
                 warn!(%room, id = msg.id, "gap in live messages; repairing from history");
                 self.request_repair(&entry.name);
             }
@@ -456,6 +477,7 @@ impl Hub {
         st.repair = None;
         drop(st);
         if closed > 0 {
+            self.metrics.epoch_resets.increment(1);
             warn!(%room, %epoch, closed, "room reset (new epoch): members must resume");
         }
     }
@@ -510,7 +532,11 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn hub() -> Arc<Hub> {
-        Arc::new(Hub::new(16, WriteScheduler::immediate()))
+        Arc::new(Hub::new(
+            16,
+            WriteScheduler::immediate(),
+            Metrics::new("test").unwrap(),
+        ))
     }
 
     /// A store whose own deliveries go to a hub nobody listens to, so the hub under test

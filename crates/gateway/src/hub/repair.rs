@@ -123,13 +123,16 @@ impl Hub {
             msgs.dedup_by_key(|m| m.id);
             let framed: Vec<(u64, Bytes)> =
                 msgs.iter().map(|m| (m.id, frame::text(&m.json))).collect();
-            let (mut filled, mut cut) = (0usize, 0usize);
+            let (mut filled, mut cut, mut resets) = (0usize, 0usize, false);
             let mut pending = PendingWrites::default();
             for member in st.members.values_mut().filter(|m| m.joining.is_none()) {
                 if member.epoch.is_none() {
                     member.epoch.clone_from(&epoch);
                 }
                 if member.epoch != epoch || member.last > top {
+                    if member.epoch != epoch {
+                        resets = true;
+                    }
                     // The room's data was lost and its ids started again (a new epoch this
                     // instance was not subscribed to hear of): the ids this member holds
                     // mean nothing now. It resumes with `since` and is told
@@ -150,7 +153,12 @@ impl Hub {
                 filled += usize::try_from(member.last - before).unwrap_or(0);
             }
             drop(st);
-            pending.write_all();
+            self.writes.submit(pending);
+            self.metrics.backfilled.increment(filled as u64);
+            self.metrics.delivered.increment(filled as u64);
+            if resets {
+                self.metrics.epoch_resets.increment(1);
+            }
             info!(%room, from, filled, cut, "repaired");
             return Ok(());
         }

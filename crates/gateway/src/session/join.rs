@@ -139,6 +139,7 @@ impl Session {
                 return false;
             }
             recovered &= plan.recovered;
+            let replayed = plan.messages.len() as u64;
             for msg in plan.messages {
                 if self
                     .outbox
@@ -149,6 +150,7 @@ impl Session {
                     return false;
                 }
             }
+            state.metrics.delivered.increment(replayed);
             let legacy = self.legacy;
             // Read after the subscription is active: the diffs that follow it are
             // delivered after it (go_live keeps them for this member until then).

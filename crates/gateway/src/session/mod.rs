@@ -75,6 +75,8 @@ struct Session {
     refused_in_a_row: u32,
     /// Whether the frame being handled was refused.
     refused: bool,
+    /// The close code of the peer's close frame, if it sent one.
+    peer_close: Option<u16>,
 }
 
 /// Serves one upgraded WebSocket until it closes.
@@ -87,9 +89,23 @@ pub async fn run(
 ) {
     let conn = state.next_conn_id();
     let legacy = at == Endpoint::Legacy;
-    let span = info_span!("conn", conn, instance = %state.config.instance_id, legacy);
+    // Every line a connection logs carries these (and its user once authenticated).
+    let span = info_span!(
+        "conn",
+        conn,
+        instance = %state.config.instance_id,
+        legacy,
+        user = tracing::field::Empty
+    );
+    if let Some(id) = principal.identity() {
+        span.record("user", id.user.as_str());
+    }
     async move {
-        let mut connection = Connection::open(upgraded, &state.transport, conn).await;
+        let metrics = state.metrics.clone();
+        metrics.opened.increment(1);
+        let open = metrics.connections(legacy);
+        open.increment(1.0);
+        let mut connection = Connection::open(upgraded, &state.transport).await;
         let rate = RateLimit::new(
             state.config.rate_limit_per_sec,
             state.config.rate_limit_burst,
@@ -109,12 +125,21 @@ pub async fn run(
             rate,
             refused_in_a_row: 0,
             refused: false,
+            peer_close: None,
         };
         debug!("connected");
         let reason = session.serve(&mut connection.reader, params).await;
         session.leave_all();
+        let outbox = connection.outbox.clone();
         connection.close(reason).await;
-        debug!("disconnected");
+        // The first reason stands (e.g. too slow, found while this one was being chosen).
+        let code = match outbox.closing().unwrap_or(reason) {
+            CloseReason::PeerClosed => session.peer_close,
+            reason => reason.code(),
+        };
+        metrics.closed(code);
+        open.decrement(1.0);
+        debug!(code, "disconnected");
     }
     .instrument(span)
     .await;
@@ -222,7 +247,11 @@ impl Session {
                 let _ = self.rate.allow();
                 return;
             }
-            Message::Pong(_) | Message::Close(_) | Message::Frame(_) => return,
+            Message::Close(frame) => {
+                self.peer_close = frame.map(|f| u16::from(f.code));
+                return;
+            }
+            Message::Pong(_) | Message::Frame(_) => return,
         };
         if !self.rate.allow() {
             // A burst (a paste, a client re-sending after a reconnect) is not garbage: a
@@ -359,7 +388,7 @@ impl Session {
             }
             _ => None,
         };
-        let published = Box::pin(self.state.bus.publish(&room, &template, dedupe.as_ref())).await;
+        let published = Box::pin(self.state.publish(&room, &template, dedupe.as_ref())).await;
         match published.map(|p| p.msg.id) {
             Ok(id) => {
                 if let Some(reference) = reference {
@@ -411,6 +440,9 @@ impl Session {
 
     async fn refuse(&mut self, err: FrameError) {
         debug!(code = %err.code, message = %err.message, "refused");
+        if !self.legacy {
+            self.state.metrics.error(err.code);
+        }
         if !matches!(err.code, ErrorCode::Unavailable | ErrorCode::RateLimited) {
             self.refused = true;
         }

@@ -36,6 +36,7 @@ use tokio::{
     task::JoinHandle,
 };
 use tokio_tungstenite::WebSocketStream;
+use tracing::debug;
 use tungstenite::protocol::{Role, WebSocketConfig};
 
 pub use outbox::{Bounds, CONTROL_CAP, Class, Closed, Outbox, Socket, WRITE_BATCH};
@@ -78,9 +79,19 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// The close code this reason ends the connection with, if it sends a close frame.
+    pub fn code(self) -> Option<u16> {
+        self.close_frame_parts().map(|(code, _)| code)
+    }
+
     /// The close frame this reason ends the connection with, if any.
     pub fn close_frame(self) -> Option<Bytes> {
-        let (code, reason) = match self {
+        self.close_frame_parts()
+            .map(|(code, reason)| frame::close(code, reason))
+    }
+
+    fn close_frame_parts(self) -> Option<(u16, &'static str)> {
+        Some(match self {
             CloseReason::TooSlow => (close::TRY_AGAIN, "too slow: reconnect with since"),
             CloseReason::TooBig => (close::TOO_BIG, "frame too large"),
             CloseReason::Restart => (close::RESTART, "server restarting: reconnect"),
@@ -90,8 +101,7 @@ impl CloseReason {
             CloseReason::ProtocolError => (close::PROTOCOL_ERROR, "protocol error"),
             CloseReason::InvalidUtf8 => (close::INVALID_DATA, "text is not UTF-8"),
             CloseReason::PeerClosed | CloseReason::Gone => return None,
-        };
-        Some(frame::close(code, reason))
+        })
     }
 
     /// Whether the frames already queued are written before the close frame: on a
@@ -117,7 +127,7 @@ impl CloseReason {
 }
 
 /// How connections are set up (from the configuration).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Settings {
     /// Bounds of each client's live queue.
     pub bounds: Bounds,
@@ -128,6 +138,8 @@ pub struct Settings {
     pub ping_every: Duration,
     /// `WRITE_TIMEOUT_SECS`.
     pub write_timeout: Duration,
+    /// `chat_bytes_sent_total`.
+    pub bytes_sent: metrics::Counter,
 }
 
 /// Initial read buffer per connection: chat frames are small, and it is allocated eagerly.
@@ -144,18 +156,20 @@ pub struct Connection {
     pub reader: Reader,
     /// Outgoing frames.
     pub outbox: Arc<Outbox>,
-    writer: JoinHandle<()>,
+    writer: JoinHandle<Option<writer::Ended>>,
 }
 
 impl Connection {
     /// Takes over an upgraded socket: splits it, starts the writer task.
-    pub async fn open(upgraded: Upgraded, settings: &Settings, conn: ConnId) -> Self {
+    pub async fn open(upgraded: Upgraded, settings: &Settings) -> Self {
         let Upgraded { tcp, read_ahead } = upgraded;
         // The read-ahead bytes are a slice of hyper's read buffer (8 KiB or more): keep a
         // copy of the few bytes, not the whole buffer, for the life of the connection.
         let read_ahead = Bytes::copy_from_slice(&read_ahead);
         let (read, write) = tcp.into_split();
-        let outbox = Arc::new(Outbox::new(Box::new(write), settings.bounds));
+        let outbox = Arc::new(
+            Outbox::new(Box::new(write), settings.bounds).counting(settings.bytes_sent.clone()),
+        );
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER)
             .max_message_size(Some(settings.read_limit))
@@ -169,7 +183,7 @@ impl Connection {
             ping_every: settings.ping_every,
             write_timeout: settings.write_timeout,
         };
-        let writer = tokio::spawn(writer::run(outbox.clone(), timing, conn));
+        let writer = tokio::spawn(writer::run(outbox.clone(), timing));
         Connection {
             reader,
             outbox,
@@ -187,7 +201,13 @@ impl Connection {
             writer,
         } = self;
         outbox.close(reason);
-        let _ = writer.await;
+        match writer.await {
+            Ok(Some(writer::Ended::WriteFailed(err))) => debug!(error = %err, "write failed"),
+            Ok(Some(writer::Ended::SocketFailed(err))) => debug!(error = %err, "socket failed"),
+            Ok(Some(writer::Ended::TimedOut)) => debug!("write timed out"),
+            Ok(Some(writer::Ended::MissedPings)) => debug!("peer missed two pings"),
+            Ok(None) | Err(_) => {}
+        }
         if outbox
             .closing()
             .and_then(CloseReason::close_frame)

@@ -40,6 +40,7 @@ use std::{
 };
 
 use bytes::{Buf, Bytes};
+use metrics::Counter;
 use tokio::{net::tcp::OwnedWriteHalf, sync::Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -203,6 +204,8 @@ pub struct Outbox {
     /// Listed in a [`super::PendingWrites`], waiting for its write.
     pub(super) pending: AtomicBool,
     bounds: Bounds,
+    /// `chat_bytes_sent_total` (shared by every outbox; see [`Outbox::counting`]).
+    pub(super) sent: Counter,
 }
 
 impl Outbox {
@@ -217,7 +220,16 @@ impl Outbox {
             alive: AtomicBool::new(true),
             pending: AtomicBool::new(false),
             bounds,
+            sent: Counter::noop(),
         }
+    }
+
+    /// Adds what this outbox writes to `sent` (`chat_bytes_sent_total`). A batch of
+    /// writes ([`super::PendingWrites`]) adds its total once, not once per outbox.
+    #[must_use]
+    pub fn counting(mut self, sent: Counter) -> Self {
+        self.sent = sent;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -324,9 +336,25 @@ impl Outbox {
     /// Writes what the socket takes now, without waiting; if anything is left (a full
     /// socket) or the write failed, wakes the writer task to finish or report it.
     pub fn write_or_defer(&self) {
+        let bytes = self.write_or_defer_uncounted();
+        if bytes > 0 {
+            self.sent.increment(bytes as u64);
+        }
+    }
+
+    /// [`Outbox::write_or_defer`] without counting: returns the bytes written, for the
+    /// caller to count with others.
+    pub(super) fn write_or_defer_uncounted(&self) -> usize {
         match self.try_write() {
-            Ok(p) if p.all => {}
-            Ok(_) | Err(_) => self.wake_writer.notify_one(),
+            Ok(p) if p.all => p.bytes,
+            Ok(p) => {
+                self.wake_writer.notify_one();
+                p.bytes
+            }
+            Err(_) => {
+                self.wake_writer.notify_one();
+                0
+            }
         }
     }
 

@@ -40,13 +40,21 @@ impl PendingWrites {
         self.0.is_empty()
     }
 
-    /// Writes every listed outbox from this task.
+    /// Writes every listed outbox from this task, and counts the bytes once.
     pub fn write_all(&mut self) {
-        for outbox in self.0.drain(..) {
+        let mut bytes = 0usize;
+        for outbox in &self.0 {
             // Cleared first: a push after this point lists the outbox again.
             outbox.pending.store(false, Ordering::Release);
-            outbox.write_or_defer();
+            bytes += outbox.write_or_defer_uncounted();
         }
+        // Every outbox shares the one `chat_bytes_sent_total`: one add for the batch.
+        if let Some(first) = self.0.first()
+            && bytes > 0
+        {
+            first.sent.increment(bytes as u64);
+        }
+        self.0.clear();
     }
 
     /// Like [`PendingWrites::write_all`], but beyond [`WRITES_PER_TASK`] outboxes the rest

@@ -5,14 +5,27 @@
 //! frame its [`CloseReason`] maps to.
 //!
 //! Not instrumented with a span: entering one each time the task is polled is measurable
-//! on the hot path. Its few logs carry `conn`.
+//! on the hot path. It logs nothing itself: it returns why it ended ([`Ended`]), and the
+//! connection logs that in its session's span (`conn`, `instance`, `user`).
 
-use std::{sync::Arc, time::Duration};
+use std::{io, sync::Arc, time::Duration};
 
 use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout};
-use tracing::debug;
 
-use super::{CloseReason, ConnId, Outbox, frame};
+use super::{CloseReason, Outbox, frame};
+
+/// Why the writer ended the connection by itself, if it did.
+#[derive(Debug)]
+pub(super) enum Ended {
+    /// A write failed.
+    WriteFailed(io::Error),
+    /// Waiting for the socket to take more failed.
+    SocketFailed(io::Error),
+    /// A full socket took nothing for `WRITE_TIMEOUT_SECS`.
+    TimedOut,
+    /// Two ping intervals without a sign of life.
+    MissedPings,
+}
 
 /// The writer's clock settings.
 #[derive(Clone, Copy, Debug)]
@@ -24,8 +37,8 @@ pub(super) struct Timing {
 }
 
 /// Runs until the outbox is closed and its close frame (if any) is written, or the peer is
-/// gone.
-pub(super) async fn run(outbox: Arc<Outbox>, timing: Timing, conn: ConnId) {
+/// gone; says why when it was the writer that ended it.
+pub(super) async fn run(outbox: Arc<Outbox>, timing: Timing) -> Option<Ended> {
     let Timing {
         ping_every,
         write_timeout,
@@ -37,15 +50,19 @@ pub(super) async fn run(outbox: Arc<Outbox>, timing: Timing, conn: ConnId) {
     // The socket was full and became writable again: the peer's TCP acknowledged data,
     // so it is reading (e.g. a long replay while the session cannot read its pongs).
     let mut drained = false;
+    let mut ended = None;
     // `clean`: the stream ends at a frame boundary, so a close frame may follow.
     let (reason, clean) = loop {
         let progress = match outbox.try_write() {
             Ok(p) => p,
             Err(err) => {
-                debug!(conn, error = %err, "write failed");
+                ended = Some(Ended::WriteFailed(err));
                 break (CloseReason::Gone, false);
             }
         };
+        if progress.bytes > 0 {
+            outbox.sent.increment(progress.bytes as u64);
+        }
         if progress.bytes > 0 || progress.all {
             stalled_since = Instant::now();
         }
@@ -62,13 +79,13 @@ pub(super) async fn run(outbox: Arc<Outbox>, timing: Timing, conn: ConnId) {
             biased;
             ready = outbox.writable(), if !progress.all => {
                 if let Err(err) = ready {
-                    debug!(conn, error = %err, "socket failed");
+                    ended = Some(Ended::SocketFailed(err));
                     break (CloseReason::Gone, false);
                 }
                 drained = true;
             }
             () = sleep_until(stalled_since + write_timeout), if !progress.all => {
-                debug!(conn, "write timed out");
+                ended = Some(Ended::TimedOut);
                 break (CloseReason::TooSlow, false);
             }
             () = outbox.wait_for_work(), if progress.all => {}
@@ -78,7 +95,7 @@ pub(super) async fn run(outbox: Arc<Outbox>, timing: Timing, conn: ConnId) {
                 } else {
                     unanswered += 1;
                     if unanswered >= 2 {
-                        debug!(conn, "peer missed two pings");
+                        ended = Some(Ended::MissedPings);
                         break (CloseReason::Gone, false);
                     }
                 }
@@ -89,15 +106,17 @@ pub(super) async fn run(outbox: Arc<Outbox>, timing: Timing, conn: ConnId) {
     };
     outbox.close(reason);
     let Some(close) = reason.close_frame().filter(|_| clean) else {
-        return;
+        return ended;
     };
     outbox.push_close_frame(close);
     let _ = timeout(write_timeout, async {
         while let Ok(p) = outbox.try_write() {
+            outbox.sent.increment(p.bytes as u64);
             if p.all || outbox.writable().await.is_err() {
                 break;
             }
         }
     })
     .await;
+    ended
 }

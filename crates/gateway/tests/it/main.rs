@@ -10,6 +10,7 @@ mod cluster;
 mod fuzz;
 mod lifecycle;
 mod limits;
+mod metrics;
 mod multi;
 mod presence;
 mod process;

@@ -549,6 +549,11 @@ async fn a_slow_client_is_closed_with_1013_and_never_delays_the_room(
         }
     }
     assert!(next <= N, "the slow client was not cut off");
+    // The operator sees it (`chat_connections_closed_total{code="1013"}`).
+    crate::metrics::until(&gw, "the 1013 close counted", |m| {
+        Ok(m.value("chat_connections_closed_total", &[("code", "1013")])? == 1.0)
+    })
+    .await?;
     Ok(())
 }
 

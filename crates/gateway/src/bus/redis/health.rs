@@ -39,7 +39,13 @@ impl RedisBus {
                 },
                 c = connects.recv() => match c {
                     Err(RecvError::Closed) => return,
-                    _ => self.resync().await,
+                    _ => {
+                        // After a break (not the first connection): a reconnect.
+                        if self.inner.resync_pending.load(Ordering::SeqCst) {
+                            self.inner.reconnects.increment(1);
+                        }
+                        self.resync().await;
+                    }
                 },
             }
         }

@@ -79,6 +79,8 @@ struct Inner {
     /// The last probe token that came back through the subscriber connection, per channel.
     probe_seen: ProbeSeen,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// `chat_redis_reconnects_total`.
+    reconnects: metrics::Counter,
 }
 
 /// The Redis-backed bus.
@@ -118,6 +120,8 @@ pub struct RedisSettings {
     pub tls_ca_file: Option<String>,
     /// Rooms idle this long expire as a whole (`None`: never).
     pub room_idle_ttl: Option<Duration>,
+    /// `chat_redis_reconnects_total`.
+    pub reconnects: metrics::Counter,
 }
 
 impl RedisBus {
@@ -202,6 +206,7 @@ impl RedisBus {
                 probes: Mutex::new(Vec::new()),
                 probe_seen,
                 tasks: Mutex::new(tasks),
+                reconnects: settings.reconnects.clone(),
             }),
         };
         let resync = tokio::spawn(bus.clone().keep_subscriptions(errors, connects));
@@ -215,6 +220,11 @@ impl RedisBus {
             lock(&bus.inner.tasks).push(follow);
         }
         Ok(bus)
+    }
+
+    /// Room channels subscribed (the probe channels are not counted).
+    pub fn room_subscriptions(&self) -> usize {
+        self.inner.subscriptions.len()
     }
 
     /// Waits until both connections are up.

@@ -52,6 +52,11 @@ impl Subscriptions {
         }
     }
 
+    /// Rooms subscribed (or being subscribed) now.
+    pub(super) fn len(&self) -> usize {
+        lock(&self.rooms).len()
+    }
+
     /// Forgets `room` and runs `unsubscribe`.
     pub(super) async fn remove(
         &self,
