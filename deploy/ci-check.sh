@@ -8,18 +8,26 @@
 #   1. Dockerfile            hadolint; the image's HEALTHCHECK command run for real with
 #                            Debian's busybox-static (the binary the image copies) against a gateway
 #   2. docker-compose.yml    JSON schema (deploy/schemas/compose-spec.json, the Compose spec),
-#                            Debian's docker-compose v1 `config -q`
+#                            Debian's docker-compose v1 `config -q`, with and without the
+#                            `monitoring` profile (v1 knows profiles since 1.28)
 #   3. nginx                 `nginx -t` on the shipped config as docker-compose mounts it
 #                            (`gateway` resolvable in a private mount namespace), and on the
 #                            loopback config cluster.sh generates
 #   4. Kubernetes            kubernetes-validate --strict (OpenAPI schemas of 1.29 and 1.37) on
 #                            every manifest, `kubectl kustomize` rendered and validated again
 #   5. consistency           deploy/ci/policy_check.py (files agree with each other and with
-#                            docs/operations.md: timeouts, ports, probes, users, Heroku settings)
-#   6. shell                 bash -n and shellcheck on the deploy scripts
-#   7. local cluster         deploy/local/cluster.sh start 3, a message sent through nginx by a
+#                            docs/operations.md: timeouts, ports, probes, users, Heroku settings,
+#                            METRICS_PORT the same in compose, Kubernetes and Prometheus)
+#   6. monitoring            promtool (Debian's `prometheus` package, unpacked, not installed):
+#                            check config, check rules, test rules (alerts.test.yml); the Grafana
+#                            dashboard (deploy/ci/dashboard_check.py: panels, data source, metric
+#                            names) and every dashboard query parsed by promtool
+#   7. shell                 bash -n and shellcheck on the deploy scripts
+#   8. local cluster         deploy/local/cluster.sh start 3, a message sent through nginx by a
 #                            client on each instance reaches the clients on every other instance
-#                            (deploy/ci/cross_instance.py), status, stop
+#                            (deploy/ci/cross_instance.py), status, stop; the series of a live
+#                            /metrics are the ones the dashboard knows; METRICS_PORT moves
+#                            /metrics off the public port
 #
 # Environment: GATEWAY_BIN (default target/debug/chat-gateway, which CI builds before this),
 # DEPLOY_CHECK_VENV (virtualenv location). Exit status non-zero if any check failed.
@@ -83,6 +91,16 @@ if [ ! -x "$busybox" ]; then
     dpkg -x busybox-static_*.deb root ) || echo "could not fetch busybox-static"
 fi
 
+# promtool as Debian ships it (in the `prometheus` package), unpacked here: the package's
+# Prometheus service is neither installed nor started.
+prom_dir="${XDG_CACHE_HOME:-$HOME/.cache}/chat-gateway/prometheus"
+promtool="$prom_dir/root/usr/bin/promtool"
+if [ ! -x "$promtool" ]; then
+  mkdir -p "$prom_dir"
+  ( cd "$prom_dir" && { apt-get download prometheus >/dev/null 2>&1 || { apt_update && apt-get download prometheus >/dev/null; }; } &&
+    dpkg -x prometheus_*.deb root ) || echo "could not fetch prometheus (promtool)"
+fi
+
 venv="${DEPLOY_CHECK_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/chat-gateway/deploy-check-venv}"
 req="deploy/ci/requirements.txt"
 req_hash="$(sha256sum "$req" | cut -d' ' -f1)"
@@ -100,6 +118,7 @@ export PATH="$venv/bin:$PATH"
 echo "nginx: $("$nginx_bin" -v 2>&1)"
 echo "redis: $(redis-server --version)"
 echo "docker-compose: $(docker-compose version --short 2>/dev/null)"
+echo "promtool: $("$promtool" --version 2>/dev/null | head -1)"
 echo "tools: $(hadolint --version), check-jsonschema $("$py" -c 'import importlib.metadata as m; print(m.version("check-jsonschema"))'), kubernetes-validate $("$py" -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"))'), $(kubectl version --client 2>/dev/null | head -1)"
 
 # ---------------------------------------------------------------------------------------
@@ -110,6 +129,7 @@ run_check "hadolint Dockerfile" hadolint Dockerfile
 step "2. docker-compose.yml"
 run_check "compose-spec JSON schema" check-jsonschema --schemafile deploy/schemas/compose-spec.json docker-compose.yml
 run_check "docker-compose (v1, Debian) config -q" docker-compose -f docker-compose.yml config -q
+run_check "docker-compose (v1, Debian) --profile monitoring config -q" docker-compose -f docker-compose.yml --profile monitoring config -q
 
 # ---------------------------------------------------------------------------------------
 step "3. nginx -t"
@@ -165,14 +185,34 @@ step "5. consistency of the deploy files"
 run_check "policy_check.py" "$py" deploy/ci/policy_check.py
 
 # ---------------------------------------------------------------------------------------
-step "6. shell scripts"
+step "6. monitoring: Prometheus config and alert rules, Grafana dashboard"
+if [ -x "$promtool" ]; then
+  # rule_files are resolved relative to the config file: this checks alerts.yml too.
+  run_check "promtool check config deploy/prometheus/prometheus.yml" "$promtool" check config deploy/prometheus/prometheus.yml
+  run_check "promtool check rules deploy/prometheus/alerts.yml" "$promtool" check rules deploy/prometheus/alerts.yml
+  run_check "promtool test rules deploy/prometheus/alerts.test.yml" "$promtool" test rules deploy/prometheus/alerts.test.yml
+else
+  echo "promtool not available"
+  failed=$((failed + 1)); failures+=("promtool present")
+fi
+# The dashboard's own checks, and every query it sends (Grafana's variables substituted)
+# written as recording rules, so that promtool's PromQL parser reads each one.
+dashboard_check() {
+  "$py" deploy/ci/dashboard_check.py --promql-rules "$tmp/dashboard-queries.yml" || return 1
+  [ -x "$promtool" ] || { echo "   promtool not available"; return 1; }
+  "$promtool" check rules "$tmp/dashboard-queries.yml"
+}
+run_check "dashboard_check.py, dashboard queries parsed by promtool" dashboard_check
+
+# ---------------------------------------------------------------------------------------
+step "7. shell scripts"
 shell_files=(deploy/ci-check.sh deploy/local/cluster.sh)
 # shellcheck disable=SC2016 # $f belongs to the inner bash
 run_check "bash -n" bash -c 'for f; do bash -n "$f" || exit 1; done' _ "${shell_files[@]}"
 run_check "shellcheck" shellcheck "${shell_files[@]}"
 
 # ---------------------------------------------------------------------------------------
-step "7. local cluster: 3 gateways behind nginx, a message crosses instances"
+step "8. local cluster: 3 gateways behind nginx, a message crosses instances"
 gateway_bin="${GATEWAY_BIN:-target/debug/chat-gateway}"
 case "$gateway_bin" in /*) ;; *) gateway_bin="$root/$gateway_bin" ;; esac
 cluster() { CLUSTER_DIR="$cluster_dir" GATEWAY_BIN="$gateway_bin" NGINX_PORT=auto \
@@ -212,6 +252,48 @@ sys.exit(0 if ok else 1)
 EOF
   }
   run_check "image health-check commands (busybox-static)" healthcheck_check
+  # cluster.sh leaves METRICS_PORT unset: /metrics is on each gateway's own port. After the
+  # traffic above, every series the dashboard reads must be there, and no unknown chat_* one.
+  run_check "live /metrics has exactly the series the dashboard knows" \
+    "$py" deploy/ci/dashboard_check.py --exposition "${GATEWAY_URLS%% *}/metrics"
+  # What docker-compose.yml and Kubernetes rely on: with METRICS_PORT, /metrics is served on
+  # that port and not on PORT (the one nginx, the Service and the Ingress forward).
+  metrics_port_check() {
+    "$py" - "$gateway_bin" <<'EOF'
+import os, socket, subprocess, sys, time, urllib.error, urllib.request
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+port, mport = free_port(), free_port()
+env = {"PATH": os.environ.get("PATH", ""), "APP_ENV": "production", "HOST": "127.0.0.1",
+       "PORT": str(port), "METRICS_PORT": str(mport), "RUST_LOG": "warn"}
+def status(p, path):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{p}{path}", timeout=2) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+gw = subprocess.Popen([sys.argv[1]], env=env)
+try:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            ready = status(port, "/readyz")[0]
+            break
+        except OSError:
+            if gw.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    (m_code, body), (p_code, _) = status(mport, "/metrics"), status(port, "/metrics")
+    ok = ready == 200 and m_code == 200 and "chat_build_info" in body and p_code == 404
+    print(f"   /readyz on PORT {ready}; /metrics on METRICS_PORT {m_code}, on PORT {p_code} (want 200, 200, 404)")
+    sys.exit(0 if ok else 1)
+finally:
+    gw.terminate()
+    gw.wait(timeout=30)
+EOF
+  }
+  run_check "METRICS_PORT: /metrics on its own port only" metrics_port_check
   run_check "cluster.sh stop" cluster stop
   stopped_check() { local rc=0; cluster status > /dev/null || rc=$?; [ "$rc" = 3 ]; }
   run_check "cluster.sh status after stop: not running" stopped_check

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Checks what the schemas cannot: that the deploy files agree with each other and with
-the gateway's documented behaviour (docs/operations.md, issue 5).
+the gateway's documented behaviour (docs/operations.md, issue 5), and that the metrics port
+is the same everywhere and reached by Prometheus only (issue 14).
 
     python3 deploy/ci/policy_check.py            # from the repository root
 
@@ -219,8 +220,102 @@ def kubernetes() -> None:
     check(all(labels.get(k) == v for k, v in pdb["spec"]["selector"]["matchLabels"].items()), "PDB selects the gateway pods")
 
 
+def monitoring() -> None:
+    """METRICS_PORT: one value everywhere (compose, Kubernetes, Prometheus), never behind
+    nginx, a Service or an Ingress; the monitoring profile wired as its files expect."""
+    print("monitoring (METRICS_PORT, Prometheus, Grafana)")
+    doc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    svc = doc["services"]
+    gw = svc["gateway"]
+    genv = gw.get("environment", {})
+    genv = dict(e.split("=", 1) for e in genv) if isinstance(genv, list) else genv
+    port = str(genv.get("METRICS_PORT", ""))
+    check(port.isdigit() and int(port) != GATEWAY_PORT and port != str(genv.get("PORT")),
+          f"compose gateway METRICS_PORT {port or '(unset)'}, not its PORT")
+    check(port in [str(e) for e in gw.get("expose", [])], f"compose gateway exposes {port} (to the compose network only)")
+    check("ports" not in gw, "compose gateway publishes no port, the metrics port included")
+
+    # Prometheus: the gateway replicas themselves, on METRICS_PORT.
+    pdir = ROOT / "deploy/prometheus"
+    prom = yaml.safe_load((pdir / "prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in prom.get("scrape_configs", [])}
+    job = jobs.get("chat-gateway", {})
+    dns = job.get("dns_sd_configs", [])
+    check(len(dns) == 1 and dns[0].get("names") == ["gateway"] and dns[0].get("type") == "A",
+          "prometheus job chat-gateway: dns_sd_configs names [gateway], type A (one record per replica)")
+    check(bool(dns) and str(dns[0].get("port")) == port, f"prometheus scrapes port {dns[0].get('port') if dns else '?'} = METRICS_PORT {port}")
+    check(job.get("metrics_path", "/metrics") == "/metrics", "prometheus metrics_path /metrics")
+    check(prom.get("global", {}).get("scrape_interval") == "15s", "prometheus scrape_interval 15s")
+    check(all((pdir / f).is_file() for f in prom.get("rule_files", [])) and "alerts.yml" in prom.get("rule_files", []),
+          f"prometheus rule_files {prom.get('rule_files')} exist beside prometheus.yml")
+    # Nothing scraped through the balancer: no target is nginx or a public port.
+    public = {"80", "8080", str(GATEWAY_PORT), str(genv.get("PORT", GATEWAY_PORT))}
+    targets = [str(t) for j in jobs.values() for sc in j.get("static_configs", []) for t in sc.get("targets", [])]
+    targets += [f"{n}:{d.get('port')}" for j in jobs.values() for d in j.get("dns_sd_configs", []) for n in d.get("names", [])]
+    via_nginx = [t for t in targets if t.split(":")[0] == "nginx" or t.rsplit(":", 1)[-1] in public]
+    check(not via_nginx, f"no prometheus target goes through nginx or a public port ({targets})")
+    upstream = (ROOT / "deploy/nginx/upstream.conf").read_text()
+    check(f":{port}" not in upstream, f"nginx upstream does not reach the metrics port {port}")
+
+    # The monitoring profile.
+    pr, gf = svc.get("prometheus", {}), svc.get("grafana", {})
+    for name, s_ in (("prometheus", pr), ("grafana", gf)):
+        image = str(s_.get("image", ""))
+        check(s_.get("profiles") == ["monitoring"], f"{name}: only in profile monitoring")
+        check(":" in image and not image.endswith(":latest"), f"{name}: image pinned ({image})")
+        ports = [str(p) for p in s_.get("ports", [])]
+        check(bool(ports) and all(p.startswith("127.0.0.1:") for p in ports), f"{name}: published on 127.0.0.1 only ({ports})")
+
+    def mounts(s_: dict) -> dict[str, tuple[str, bool]]:
+        out = {}
+        for v in s_.get("volumes", []):
+            parts = str(v).split(":")
+            out[parts[1]] = (parts[0], len(parts) > 2 and "ro" in parts[2].split(","))
+        return out
+
+    pm = mounts(pr)
+    check(pm.get("/etc/prometheus") == ("./deploy/prometheus", True), "prometheus: deploy/prometheus at /etc/prometheus, read-only")
+    check("--config.file=/etc/prometheus/prometheus.yml" in pr.get("command", []), "prometheus: --config.file=/etc/prometheus/prometheus.yml")
+    gm = mounts(gf)
+    gdir = ROOT / "deploy/grafana"
+    check(gm.get("/etc/grafana/provisioning") == ("./deploy/grafana/provisioning", True),
+          "grafana: deploy/grafana/provisioning at /etc/grafana/provisioning, read-only")
+    dash_dst = next((dst for dst, (src, _) in gm.items() if src == "./deploy/grafana/dashboards"), None)
+    check(dash_dst is not None and gm[dash_dst][1], f"grafana: deploy/grafana/dashboards mounted read-only ({dash_dst})")
+    providers = yaml.safe_load((gdir / "provisioning/dashboards/dashboards.yml").read_text())["providers"]
+    check(any(p_.get("type") == "file" and p_.get("options", {}).get("path") == dash_dst for p_ in providers),
+          f"grafana dashboard provider reads {dash_dst}")
+    ds = yaml.safe_load((gdir / "provisioning/datasources/prometheus.yml").read_text())["datasources"][0]
+    m = re.match(r"http://([^:/]+):(\d+)", ds.get("url", ""))
+    check(m is not None and m.group(1) == "prometheus" and m.group(1) in svc
+          and any(str(p).endswith(":" + m.group(2)) for p in pr.get("ports", [])),
+          f"grafana data source {ds.get('url')} is the prometheus service")
+    home = str(gf.get("environment", {}).get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH", ""))
+    check(dash_dst is not None and home.startswith(dash_dst + "/") and (gdir / "dashboards" / Path(home).name).is_file(),
+          f"grafana home dashboard {home} exists")
+
+    # Kubernetes: env, containerPort and annotations agree; no Service or Ingress carries it.
+    kdir = ROOT / "deploy/kubernetes"
+    objs = {d["kind"]: d for f in sorted(kdir.glob("*.yaml")) for d in load_yaml_docs(f)}
+    tmpl = objs["Deployment"]["spec"]["template"]
+    c = tmpl["spec"]["containers"][0]
+    kenv = {e["name"]: e.get("value") for e in c.get("env", [])}
+    kports = {p_.get("name"): p_ for p_ in c.get("ports", [])}
+    ann = tmpl["metadata"].get("annotations", {})
+    check(kenv.get("METRICS_PORT") == port, f"Kubernetes METRICS_PORT {kenv.get('METRICS_PORT')} = compose's {port}")
+    check(str(kports.get("metrics", {}).get("containerPort")) == port, f"Kubernetes containerPort `metrics` {port}")
+    check(ann.get("prometheus.io/scrape") == "true" and ann.get("prometheus.io/port") == port
+          and ann.get("prometheus.io/path") == "/metrics",
+          f"Kubernetes pod annotations prometheus.io/scrape true, port {ann.get('prometheus.io/port')}, path {ann.get('prometheus.io/path')}")
+    sports = objs["Service"]["spec"]["ports"]
+    check(all(str(p_.get("targetPort")) not in ("metrics", port) and str(p_.get("port")) != port for p_ in sports),
+          "the Service (what the Ingress and clients use) does not forward the metrics port")
+    ing = json.dumps(objs.get("Ingress", {}))
+    check('"metrics"' not in ing and port not in ing, "the example Ingress does not route the metrics port")
+
+
 def main() -> int:
-    for part in (dockerfile, compose, nginx, heroku, kubernetes):
+    for part in (dockerfile, compose, nginx, heroku, kubernetes, monitoring):
         try:
             part()
         except Exception as e:  # a missing key is a failed check, not a crash
