@@ -90,8 +90,23 @@ pub struct Outcome {
     pub server_cpu_secs: f64,
     /// CPU seconds of this tool over the window.
     pub bench_cpu_secs: f64,
-    /// Redis over the window, when it is ours to ask.
+    /// Redis over the window, when it is ours to ask; with a cluster, the sum over its
+    /// nodes (`redis_nodes` has each one).
     pub redis: Option<RedisDelta>,
+    /// Each Redis node over the window (one entry for a single server, one per master of
+    /// a `--cluster`), in the order the nodes were started; absent when Redis is not ours.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_nodes: Option<Vec<RedisDelta>>,
+    /// `fanout --floor`: the raw cost of one loopback write of a message-sized frame,
+    /// microseconds of the writing thread's CPU per write (see [`crate::floor`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor_usec_per_write: Option<f64>,
+    /// `fanout --floor`: gateway CPU per delivery divided by `floor_usec_per_write`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_to_floor_ratio: Option<f64>,
+    /// `fanout --floor`: the floor run's details.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor: Option<crate::floor::FloorOutcome>,
 }
 
 /// What Redis spent over the window.
@@ -116,14 +131,35 @@ impl RedisDelta {
                 / calls.max(1) as f64,
         }
     }
+
+    /// The total over the nodes (`redis`) and each node (`redis_nodes`) between two
+    /// readings of every node; `(None, None)` when there are no nodes.
+    pub fn of_nodes(
+        r0: &[crate::sys::RedisStats],
+        r1: &[crate::sys::RedisStats],
+    ) -> (Option<Self>, Option<Vec<Self>>) {
+        if r0.is_empty() || r0.len() != r1.len() {
+            return (None, None);
+        }
+        let total = Self::between(
+            crate::sys::RedisStats::sum(r0),
+            crate::sys::RedisStats::sum(r1),
+        );
+        let nodes = r0
+            .iter()
+            .zip(r1)
+            .map(|(a, b)| Self::between(*a, *b))
+            .collect();
+        (Some(total), Some(nodes))
+    }
 }
 
 /// Where to read CPU time from.
 pub struct Meters<'a> {
     /// Gateway process ids.
     pub server_pids: &'a [u32],
-    /// A client on the deployment's Redis.
-    pub redis: Option<&'a fred::prelude::Client>,
+    /// A client on each node of the deployment's Redis (empty: none to ask).
+    pub redis: &'a [fred::prelude::Client],
 }
 
 fn cpu_of(pids: &[u32]) -> f64 {
@@ -145,7 +181,8 @@ pub struct Latency {
     pub max: f64,
 }
 
-fn now_ns() -> u64 {
+/// Nanoseconds since the Unix epoch.
+pub fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -265,10 +302,7 @@ pub async fn run(
     let me = std::process::id();
     let server_cpu0 = cpu_of(meters.server_pids);
     let bench_cpu0 = cpu_of(&[me]);
-    let redis0 = match meters.redis {
-        Some(c) => Some(crate::sys::redis_stats(c).await?),
-        None => None,
-    };
+    let redis0 = crate::sys::redis_stats_all(meters.redis).await?;
     shared.started.store(true, Ordering::SeqCst);
     shared.go.notify_waiters();
     let start = Instant::now();
@@ -300,10 +334,8 @@ pub async fn run(
     let measured = start.elapsed();
     let server_cpu = cpu_of(meters.server_pids) - server_cpu0;
     let bench_cpu = cpu_of(&[me]) - bench_cpu0;
-    let redis = match (meters.redis, redis0) {
-        (Some(c), Some(r0)) => Some(RedisDelta::between(r0, crate::sys::redis_stats(c).await?)),
-        _ => None,
-    };
+    let redis1 = crate::sys::redis_stats_all(meters.redis).await?;
+    let (redis, redis_nodes) = RedisDelta::of_nodes(&redis0, &redis1);
     shared.finish.cancel();
     for s in subs {
         let _ = s.await;
@@ -320,6 +352,7 @@ pub async fn run(
         server_cpu_secs: server_cpu,
         bench_cpu_secs: bench_cpu,
         redis,
+        redis_nodes,
         ..Outcome::default()
     };
     outcome.lost = expected.saturating_sub(outcome.delivered);

@@ -6,6 +6,8 @@
 //! chat-bench idle   --spawn 1 --connections 15000
 //! chat-bench churn  --spawn 1 --rate 200 --duration 30
 //! chat-bench fanout --url ws://127.0.0.1:4444 --url ws://127.0.0.1:4445 --pid 123 --pid 456
+//! chat-bench fanout --spawn 2 --cluster 3 --rooms 100 --subs 5 --pubs 1 --rate 1000
+//! chat-bench fanout --spawn 1 --rooms 1 --subs 100 --pubs 10 --rate 500 --floor
 //! ```
 //! Every report prints the tool's own CPU time next to the servers', so a saturated load
 //! generator is visible.
@@ -14,6 +16,7 @@
 #![allow(clippy::cast_precision_loss, unreachable_pub)]
 
 mod fanout;
+mod floor;
 mod idle;
 mod sys;
 mod workers;
@@ -47,6 +50,17 @@ enum Command {
         /// Drive the connections from this many processes (rooms are split between them).
         #[arg(long, default_value_t = 1)]
         workers: usize,
+        /// After the run, measure the floor: the raw CPU cost of one loopback write of a
+        /// message-sized frame. Opens rooms × subs loopback connections (at most 5000) to
+        /// this process, read by the subscribers' own client on one thread (one epoll), and
+        /// from another plain thread writes, with one blocking write per socket, the exact
+        /// bytes of a server text frame as large as the run's messages, message k to the
+        /// sockets of room k mod rooms, at the run's rate for min(duration, 10 s).
+        /// Reports that thread's CPU (from /proc/thread-self/stat) per write
+        /// (floor_usec_per_write; on loopback it includes the receiver's TCP work, not the
+        /// reader's own read) and gateway CPU per delivery ÷ floor (gateway_to_floor_ratio).
+        #[arg(long, verbatim_doc_comment)]
+        floor: bool,
     },
     /// (internal) One worker process of `fanout --workers`.
     #[command(hide = true)]
@@ -115,6 +129,17 @@ struct Common {
     /// With --spawn 1: no Redis, the gateway's in-process bus.
     #[arg(long)]
     embedded: bool,
+    /// With --spawn: a private Redis Cluster of M masters (no replicas; M ≥ 3, needs
+    /// redis-cli) instead of one redis-server. Redis CPU is reported per node
+    /// (`redis_nodes`) and summed (`redis`).
+    #[arg(
+        long,
+        value_name = "M",
+        requires = "spawn",
+        conflicts_with = "embedded",
+        value_parser = clap::value_parser!(u64).range(3..)
+    )]
+    cluster: Option<u64>,
     /// The gateway binary for --spawn (default: next to this tool).
     #[arg(long)]
     gateway_bin: Option<String>,
@@ -217,20 +242,24 @@ async fn setup_servers(common: &Common) -> anyhow::Result<Setup> {
         if common.embedded && n != 1 {
             bail!("--embedded runs exactly one gateway");
         }
-        let d = sys::Deployment::spawn(n, &bin, common.embedded, &env).await?;
+        let backend = match (common.embedded, common.cluster) {
+            (true, Some(_)) => bail!("--embedded and --cluster exclude each other"),
+            (true, None) => sys::Backend::Embedded,
+            (false, None) => sys::Backend::Redis,
+            (false, Some(m)) => sys::Backend::Cluster(usize::try_from(m)?),
+        };
+        let d = sys::Deployment::spawn(n, &bin, backend, &env).await?;
         let targets = d
             .urls()
             .iter()
             .map(|u| ws::Target::parse(u))
             .collect::<Result<_, _>>()?;
-        let description = format!(
-            "{n} spawned gateway(s) on {}; open-file limit {fd_limit}",
-            if common.embedded {
-                "the in-process bus"
-            } else {
-                "a private redis-server"
-            }
-        );
+        let on = match backend {
+            sys::Backend::Embedded => "the in-process bus".to_owned(),
+            sys::Backend::Redis => "a private redis-server".to_owned(),
+            sys::Backend::Cluster(m) => format!("a private Redis Cluster of {m} masters"),
+        };
+        let description = format!("{n} spawned gateway(s) on {on}; open-file limit {fd_limit}");
         Ok(Setup {
             targets,
             pids: d.pids(),
@@ -296,7 +325,7 @@ fn fanout_table(shape: &Shape, rate: f64, setup: &Setup, o: &fanout::Outcome) ->
             format!("{:.2} µs per delivery", secs * 1e6 / o.delivered as f64)
         }
     };
-    let redis = o.redis.as_ref().map_or("-".to_owned(), |r| {
+    let redis_line = |r: &fanout::RedisDelta| {
         format!(
             "{:.2} s CPU; {} EVALSHA at {:.1} µs each; {:.2} µs CPU per published message",
             r.cpu_secs,
@@ -304,7 +333,39 @@ fn fanout_table(shape: &Shape, rate: f64, setup: &Setup, o: &fanout::Outcome) ->
             r.usec_per_evalsha,
             r.cpu_secs * 1e6 / o.sent.max(1) as f64
         )
-    });
+    };
+    let mut redis = o.redis.as_ref().map_or("-".to_owned(), redis_line);
+    if let Some(nodes) = o.redis_nodes.as_ref().filter(|n| n.len() > 1) {
+        redis.push_str(&format!(" (total of {} nodes)", nodes.len()));
+        for (i, r) in nodes.iter().enumerate() {
+            redis.push_str(&format!("\n  node {:<8}{}", i + 1, redis_line(r)));
+        }
+    }
+    let mut floor = String::new();
+    if let Some(f) = &o.floor {
+        floor = format!(
+            "\nfloor          {:.2} µs CPU per write (one thread, blocking write of a {} B frame \
+             to {} loopback sockets in {} group(s): {} writes at {} msg/s over {:.1} s; \
+             {} received; reader thread {:.2} µs per write, not included)",
+            f.usec_per_write,
+            f.frame_bytes,
+            f.sockets,
+            f.rooms,
+            f.writes,
+            f.rate,
+            f.secs,
+            f.received,
+            f.reader_usec_per_write,
+        );
+        floor.push_str(&match o.gateway_to_floor_ratio {
+            Some(r) => format!(
+                "\ngateway/floor  {r:.2} × ({:.2} µs server CPU per delivery ÷ {:.2} µs per write)",
+                o.server_cpu_secs * 1e6 / o.delivered.max(1) as f64,
+                f.usec_per_write
+            ),
+            None => "\ngateway/floor  - (no server CPU or deliveries measured)".to_owned(),
+        });
+    }
     format!(
         "fanout: {} room(s) × {} subscribers × {} publishers, {rate} msg/s for {} s, {} B text\n\
          servers        {}\n\
@@ -318,7 +379,7 @@ fn fanout_table(shape: &Shape, rate: f64, setup: &Setup, o: &fanout::Outcome) ->
          latency ms     p50 {:.2}   p90 {:.2}   p99 {:.2}   p99.9 {:.2}   max {:.2}\n\
          server CPU     {:.2} s over {:.1} s ({})\n\
          redis          {}\n\
-         bench CPU      {:.2} s ({})",
+         bench CPU      {:.2} s ({}){floor}",
         shape.rooms,
         shape.subs,
         shape.pubs,
@@ -382,7 +443,10 @@ async fn fanout_with(
     };
     let meters = fanout::Meters {
         server_pids: &setup.pids,
-        redis: setup.deployment.as_ref().and_then(|d| d.admin.as_ref()),
+        redis: setup
+            .deployment
+            .as_ref()
+            .map_or(&[], |d| d.admin.as_slice()),
     };
     if workers > 1 {
         return workers::fanout(&plan, &meters, workers).await;
@@ -396,6 +460,44 @@ async fn fanout_with(
     .await;
     pb.finish_and_clear();
     outcome.map(|(o, _)| o)
+}
+
+/// `fanout --floor`: measures the floor after the run and sets it against the gateway's
+/// CPU per delivery (see [`floor`]).
+async fn add_floor(
+    o: &mut fanout::Outcome,
+    common: &Common,
+    shape: &Shape,
+    rate: f64,
+) -> anyhow::Result<()> {
+    let pb = if common.json {
+        ProgressBar::hidden()
+    } else {
+        let pb = ProgressBar::new_spinner();
+        pb.set_message("measuring the floor");
+        pb.enable_steady_tick(Duration::from_millis(200));
+        pb
+    };
+    let f = floor::run(&floor::FloorPlan {
+        rooms: shape.rooms,
+        subs: shape.subs,
+        rate,
+        duration: Duration::from_secs(shape.duration),
+        size: shape.size,
+        // As long as the run's room names (`b` + 8 hex digits + `-` + room).
+        room_name: format!("b{:08x}-{}", 0, shape.rooms / 2),
+        sources: common.sources.clone(),
+    })
+    .await;
+    pb.finish_and_clear();
+    let f = f?;
+    o.floor_usec_per_write = Some(f.usec_per_write);
+    let per_delivery = o.server_cpu_secs * 1e6 / o.delivered.max(1) as f64;
+    o.gateway_to_floor_ratio =
+        (o.delivered > 0 && o.server_cpu_secs > 0.0 && f.usec_per_write > 0.0)
+            .then(|| per_delivery / f.usec_per_write);
+    o.floor = Some(f);
+    Ok(())
 }
 
 #[derive(Serialize)]
@@ -421,9 +523,13 @@ async fn main() -> anyhow::Result<()> {
             shape,
             rate,
             workers,
+            floor,
         } => {
             let setup = setup(&common).await?;
-            let o = fanout_with(&setup, &common, &shape, rate, common.json, workers).await?;
+            let mut o = fanout_with(&setup, &common, &shape, rate, common.json, workers).await?;
+            if floor {
+                add_floor(&mut o, &common, &shape, rate).await?;
+            }
             print(common.json, &o, || fanout_table(&shape, rate, &setup, &o))?;
         }
         Command::FanoutWorker { plan } => {
@@ -431,7 +537,7 @@ async fn main() -> anyhow::Result<()> {
             let plan: fanout::Plan = serde_json::from_str(&plan)?;
             let meters = fanout::Meters {
                 server_pids: &[],
-                redis: None,
+                redis: &[],
             };
             let (o, h) = fanout::run(&plan, &meters, fanout::Barrier::Stdio, |_, _| {}).await?;
             let result = fanout::WorkerResult::new(&o, &h);
@@ -564,4 +670,54 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_shows_redis_per_node_and_the_floor() {
+        let shape = Shape {
+            rooms: 1,
+            subs: 100,
+            pubs: 10,
+            duration: 10,
+            size: 64,
+            room_affinity: false,
+            retry_safe: false,
+        };
+        let setup = Setup {
+            targets: Vec::new(),
+            pids: Vec::new(),
+            deployment: None,
+            description: "test".to_owned(),
+        };
+        let node = |cpu_secs: f64| fanout::RedisDelta {
+            cpu_secs,
+            evalsha_calls: 1000,
+            usec_per_evalsha: 50.0,
+        };
+        let o = fanout::Outcome {
+            sent: 1000,
+            delivered: 100_000,
+            server_cpu_secs: 0.7,
+            redis: Some(node(0.3)),
+            redis_nodes: Some(vec![node(0.1), node(0.2)]),
+            floor_usec_per_write: Some(2.0),
+            gateway_to_floor_ratio: Some(3.5),
+            floor: Some(floor::FloorOutcome {
+                usec_per_write: 2.0,
+                ..floor::FloorOutcome::default()
+            }),
+            ..fanout::Outcome::default()
+        };
+        let table = fanout_table(&shape, 100.0, &setup, &o);
+        println!("{table}");
+        assert!(table.contains("300.00 µs CPU per published message (total of 2 nodes)"));
+        assert!(table.contains("node 1"), "{table}");
+        assert!(table.contains("100.00 µs CPU per published message\n  node 2"));
+        assert!(table.contains("floor          2.00 µs CPU per write"));
+        assert!(table.contains("gateway/floor  3.50 × (7.00 µs server CPU per delivery"));
+    }
 }

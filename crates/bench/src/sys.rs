@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use chat_testkit::{GatewayProcess, RedisServer};
+use chat_testkit::{GatewayProcess, RedisCluster, RedisServer};
 use fred::prelude::*;
 
 /// Linux reports CPU time in clock ticks of 1/100 s (USER_HZ) on every mainstream arch.
@@ -33,6 +33,17 @@ pub fn raise_fd_limit() -> u64 {
     rlimit::increase_nofile_limit(u64::MAX).unwrap_or_default()
 }
 
+/// CPU seconds (user + system) the calling thread has used so far, from
+/// `/proc/thread-self/stat` (the same accounting as [`cpu_secs`] for a process).
+pub fn thread_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / TICKS_PER_SEC)
+}
+
 /// Redis' CPU seconds and its publish-script statistics.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RedisStats {
@@ -42,6 +53,26 @@ pub struct RedisStats {
     pub evalsha_calls: u64,
     /// Microseconds spent in EVALSHA so far.
     pub evalsha_usec: u64,
+}
+
+impl RedisStats {
+    /// The readings of several nodes added up.
+    pub fn sum(all: &[RedisStats]) -> RedisStats {
+        all.iter().fold(RedisStats::default(), |a, b| RedisStats {
+            cpu_secs: a.cpu_secs + b.cpu_secs,
+            evalsha_calls: a.evalsha_calls + b.evalsha_calls,
+            evalsha_usec: a.evalsha_usec + b.evalsha_usec,
+        })
+    }
+}
+
+/// Reads every node's statistics, in order.
+pub async fn redis_stats_all(clients: &[Client]) -> anyhow::Result<Vec<RedisStats>> {
+    let mut all = Vec::with_capacity(clients.len());
+    for c in clients {
+        all.push(redis_stats(c).await?);
+    }
+    Ok(all)
 }
 
 /// Reads INFO cpu and commandstats.
@@ -72,31 +103,56 @@ pub async fn redis_stats(client: &Client) -> anyhow::Result<RedisStats> {
     Ok(s)
 }
 
-/// A private deployment: a redis-server (unless embedded) and N gateway processes.
+/// What the spawned gateways share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Nothing: one gateway on its in-process bus.
+    Embedded,
+    /// One private redis-server.
+    Redis,
+    /// A private Redis Cluster of this many masters (no replicas).
+    Cluster(usize),
+}
+
+/// The private Redis of a deployment, kept alive (and killed on drop) for the run.
+enum PrivateRedis {
+    Single(Box<RedisServer>),
+    Cluster(RedisCluster),
+}
+
+/// A private deployment: a redis-server or Redis Cluster (unless embedded) and N gateway
+/// processes.
 pub struct Deployment {
-    /// Kept alive (and killed on drop) for the run.
-    _redis: Option<RedisServer>,
+    _redis: Option<PrivateRedis>,
     /// The gateways.
     pub gateways: Vec<GatewayProcess>,
-    /// A client on the private Redis, for its statistics.
-    pub admin: Option<Client>,
+    /// One client per Redis node (one for a single server, one per master of a cluster),
+    /// for their statistics; empty when embedded.
+    pub admin: Vec<Client>,
 }
 
 impl Deployment {
-    /// Starts `n` gateways from `bin` on a private Redis (or one embedded gateway when
-    /// `embedded`), with `env` added to each.
+    /// Starts `n` gateways from `bin` on `backend` (embedded: exactly one gateway, on its
+    /// in-process bus), with `env` added to each.
     pub async fn spawn(
         n: usize,
         bin: &str,
-        embedded: bool,
+        backend: Backend,
         env: &[(String, String)],
     ) -> anyhow::Result<Self> {
-        let redis = if embedded {
-            None
-        } else {
-            Some(RedisServer::start().await?)
+        let redis = match backend {
+            Backend::Embedded => None,
+            Backend::Redis => Some(PrivateRedis::Single(Box::new(RedisServer::start().await?))),
+            Backend::Cluster(m) => Some(PrivateRedis::Cluster(
+                RedisCluster::start(m)
+                    .await
+                    .with_context(|| format!("starting a Redis Cluster of {m} masters"))?,
+            )),
         };
-        let url = redis.as_ref().map(RedisServer::url);
+        let url = redis.as_ref().map(|r| match r {
+            PrivateRedis::Single(s) => s.url(),
+            PrivateRedis::Cluster(c) => c.url(),
+        });
         let mut gateways = Vec::new();
         for i in 0..n.max(1) {
             let id = format!("bench-gw-{}", i + 1);
@@ -119,10 +175,16 @@ impl Deployment {
             wait_ready(&gw).await?;
             gateways.push(gw);
         }
-        let admin = match &redis {
-            Some(r) => Some(r.client().await?),
-            None => None,
-        };
+        let mut admin = Vec::new();
+        match &redis {
+            Some(PrivateRedis::Single(s)) => admin.push(s.client().await?),
+            Some(PrivateRedis::Cluster(c)) => {
+                for node in c.nodes() {
+                    admin.push(node.client().await?);
+                }
+            }
+            None => {}
+        }
         Ok(Deployment {
             _redis: redis,
             gateways,

@@ -59,10 +59,7 @@ pub async fn fanout(plan: &Plan, meters: &Meters<'_>, workers: usize) -> anyhow:
     let me = [std::process::id()];
     let cpu = |pids: &[u32]| -> f64 { pids.iter().filter_map(|p| sys::cpu_secs(*p)).sum() };
     let (server0, tool0) = (cpu(meters.server_pids), cpu(&pids) + cpu(&me));
-    let redis0 = match meters.redis {
-        Some(c) => Some(sys::redis_stats(c).await?),
-        None => None,
-    };
+    let redis0 = sys::redis_stats_all(meters.redis).await?;
     for child in &mut children {
         let stdin = child.stdin.as_mut().context("worker stdin")?;
         stdin.write_all(b"GO\n").await?;
@@ -81,10 +78,8 @@ pub async fn fanout(plan: &Plan, meters: &Meters<'_>, workers: usize) -> anyhow:
     let window = start.elapsed();
     let server1 = cpu(meters.server_pids);
     tool1 += cpu(&me);
-    let redis = match (meters.redis, redis0) {
-        (Some(c), Some(r0)) => Some(RedisDelta::between(r0, sys::redis_stats(c).await?)),
-        _ => None,
-    };
+    let redis1 = sys::redis_stats_all(meters.redis).await?;
+    let (redis, redis_nodes) = RedisDelta::of_nodes(&redis0, &redis1);
     for mut child in children {
         let _ = child.wait().await;
     }
@@ -94,6 +89,7 @@ pub async fn fanout(plan: &Plan, meters: &Meters<'_>, workers: usize) -> anyhow:
         server_cpu_secs: server1 - server0,
         bench_cpu_secs: tool1 - tool0,
         redis,
+        redis_nodes,
         ..Outcome::default()
     };
     for r in results {
