@@ -243,6 +243,18 @@ impl BusError {
     pub fn is_config(&self) -> bool {
         matches!(self, BusError::InvalidUrl(_) | BusError::Tls(_))
     }
+
+    /// The same error again: for each of the callers that shared one failed call.
+    pub(crate) fn again(&self) -> BusError {
+        match self {
+            BusError::Disconnected => BusError::Disconnected,
+            BusError::Timeout => BusError::Timeout,
+            BusError::Redis(e) => BusError::Redis(e.clone()),
+            BusError::Corrupt(what) => BusError::Corrupt(what),
+            BusError::InvalidUrl(e) => BusError::InvalidUrl(e.clone()),
+            BusError::Tls(what) => BusError::Tls(what.clone()),
+        }
+    }
 }
 
 /// The contract both buses implement.

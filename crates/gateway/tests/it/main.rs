@@ -6,6 +6,7 @@
 mod abuse;
 mod api;
 mod auth;
+mod batching;
 mod cluster;
 mod fuzz;
 mod lifecycle;

@@ -4,6 +4,7 @@
 //! - [`scripts`]: publishing is one `EVALSHA` round trip (INCR the room's counter, render
 //!   the frame with that id and Redis' clock, RPUSH + LTRIM the history, PUBLISH — SPUBLISH
 //!   on a Cluster); a second script reads history atomically with the counter.
+//! - [`batch`]: on a single Redis, publishes that meet in time share one script call.
 //! - [`reader`]: the pub/sub reader task, which reports to the [`BusEvents`] handler.
 //! - [`subscriptions`] and [`health`]: what is subscribed (and where), restoring it after a
 //!   reconnect, and the self-probe that notices a silent subscriber connection.
@@ -16,6 +17,7 @@
 //! store. (A command already written when the connection breaks has an unknown outcome:
 //! see docs/operations.md.)
 
+mod batch;
 mod cluster;
 mod health;
 mod presence;
@@ -61,7 +63,9 @@ struct Inner {
     commands: Client,
     subscriber: SubscriberClient,
     keys: Keys,
-    scripts: Scripts,
+    scripts: Arc<Scripts>,
+    /// Where publishes gather into shared script calls (not on a Cluster: `batch.rs`).
+    lane: Option<batch::Lane>,
     presence: presence::PresenceScripts,
     timeout: Duration,
     sharded: bool,
@@ -179,22 +183,30 @@ impl RedisBus {
             probe_prefix: keys.probe_prefix(),
             probe_seen: probe_seen.clone(),
         };
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(reader.run(messages)),
             spawn_connection(&commands),
             spawn_connection(&subscriber),
         ];
+        let scripts = Arc::new(Scripts::new(
+            keys.clone(),
+            settings.history_size,
+            sharded,
+            settings.timeout,
+            settings.room_idle_ttl,
+        ));
+        let lane = (!sharded).then(|| {
+            let (lane, task) =
+                batch::Lane::start(scripts.clone(), commands.clone(), settings.timeout);
+            tasks.push(task);
+            lane
+        });
         let bus = RedisBus {
             inner: Arc::new(Inner {
                 commands,
                 subscriber,
-                scripts: Scripts::new(
-                    keys.clone(),
-                    settings.history_size,
-                    sharded,
-                    settings.timeout,
-                    settings.room_idle_ttl,
-                ),
+                scripts,
+                lane,
                 presence: presence::PresenceScripts::new(&probe_tag),
                 keys,
                 timeout: settings.timeout,
@@ -358,10 +370,18 @@ impl Bus for RedisBus {
         if !self.inner.commands.is_connected() {
             return Err(BusError::Disconnected);
         }
-        self.inner
-            .scripts
-            .publish(&self.inner.commands, room, message, dedupe)
-            .await
+        match &self.inner.lane {
+            Some(lane) => {
+                let request = self.inner.scripts.publish_request(room, message, dedupe);
+                lane.publish(request).await
+            }
+            None => {
+                self.inner
+                    .scripts
+                    .publish(&self.inner.commands, room, message, dedupe)
+                    .await
+            }
+        }
     }
 
     async fn page(

@@ -17,39 +17,64 @@ use crate::bus::{
     BusError, Dedupe, Epoch, EpochNotice, History, Msg, Page, Published, keys::Keys, new_epoch,
 };
 
-/// KEYS: seq, history, epoch, and (for an idempotent send) its dedupe record. ARGV:
-/// channel, message head, middle, tail, history size, publish command, epoch candidate,
-/// epoch notice head, notice tail, idle TTL (seconds, 0 = none), idempotency window
-/// (seconds). Returns {0, frame} for a stored message, {1, frame} for a repeated send
-/// (the original frame; nothing is published).
+/// Publishes one or more messages (a batch: see `batch.rs`), each as if alone.
+///
+/// ARGV[1..5], shared: message tail, history size, publish command, epoch notice tail,
+/// idle TTL (seconds, 0 = none). Then six per message: channel, message head, middle,
+/// epoch candidate, epoch notice head, idempotency window (seconds, `0`: not
+/// idempotent). KEYS, per message: seq, history, epoch, and for an idempotent send its
+/// dedupe record. Returns one entry per message, in order: {0, frame} for a stored
+/// message, {1, frame} for a repeated send (the original frame; nothing is published),
+/// {2, error} for one whose commands failed (the others are not affected).
 ///
 /// A counter that starts at 1 (a new room, or one whose data was lost) drops stale
 /// history, makes sure the room has an epoch (a join may have created it already) and
 /// publishes an epoch notice before the message, so every instance learns of a reset in
-/// order. The timestamp is Redis' clock, so `ts` follows id order whatever the instances'
-/// clocks say.
+/// order. The timestamp is Redis' clock, read once per call, so `ts` follows id order
+/// whatever the instances' clocks say.
 const PUBLISH_LUA: &str = r"
-if KEYS[4] then
-  local prior = redis.call('GET', KEYS[4])
-  if prior then return {1, prior} end
-end
-local id = redis.call('INCR', KEYS[1])
-if id == 1 then
-  redis.call('DEL', KEYS[2])
-  redis.call('SET', KEYS[3], ARGV[7], 'NX')
-  redis.call(ARGV[6], ARGV[1], ARGV[8] .. redis.call('GET', KEYS[3]) .. ARGV[9])
-end
 local t = redis.call('TIME')
 local ts = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
-local msg = ARGV[2] .. id .. ARGV[3] .. ts .. ARGV[4]
-redis.call('RPUSH', KEYS[2], msg)
-redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
-if ARGV[10] ~= '0' then
-  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[10]) end
+local tail, keep, cmd, notice_tail, ttl = ARGV[1], -tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
+local function one(seq, hist, ep, sent, channel, head, middle, candidate, notice, window)
+  if sent then
+    local prior = redis.call('GET', sent)
+    if prior then return {1, prior} end
+  end
+  local id = redis.call('INCR', seq)
+  if id == 1 then
+    redis.call('DEL', hist)
+    redis.call('SET', ep, candidate, 'NX')
+    redis.call(cmd, channel, notice .. redis.call('GET', ep) .. notice_tail)
+  end
+  local msg = head .. id .. middle .. ts .. tail
+  redis.call('RPUSH', hist, msg)
+  redis.call('LTRIM', hist, keep, -1)
+  if ttl ~= '0' then
+    redis.call('EXPIRE', seq, ttl)
+    redis.call('EXPIRE', hist, ttl)
+    redis.call('EXPIRE', ep, ttl)
+  end
+  if sent then redis.call('SET', sent, msg, 'EX', window) end
+  redis.call(cmd, channel, msg)
+  return {0, msg}
 end
-if KEYS[4] then redis.call('SET', KEYS[4], msg, 'EX', ARGV[11]) end
-redis.call(ARGV[6], ARGV[1], msg)
-return {0, msg}
+local out = {}
+local k, a = 1, 6
+while a <= #ARGV do
+  local window, sent, n = ARGV[a + 5], nil, 3
+  if window ~= '0' then sent, n = KEYS[k + 3], 4 end
+  local ok, res = pcall(one, KEYS[k], KEYS[k + 1], KEYS[k + 2], sent,
+    ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], window)
+  if ok then
+    out[#out + 1] = res
+  else
+    if type(res) == 'table' then res = res.err end
+    out[#out + 1] = {2, tostring(res)}
+  end
+  k, a = k + n, a + 6
+end
+return out
 ";
 
 /// KEYS: seq, history, epoch. ARGV: since (-1 for none), epoch candidate, idle TTL
@@ -127,7 +152,36 @@ impl Scripts {
         }
     }
 
-    /// Runs the publish script for `message`.
+    /// One message's part of a publish call.
+    pub(super) fn publish_request(
+        &self,
+        room: &RoomName,
+        message: &MessageTemplate,
+        dedupe: Option<&Dedupe>,
+    ) -> PublishRequest {
+        let k = &self.keys;
+        let mut keys = self.room_keys(room);
+        let window = match dedupe {
+            Some(dedupe) => {
+                keys.push(k.sent(room, &dedupe.key));
+                dedupe.window.as_secs().max(1).to_string()
+            }
+            None => "0".to_owned(),
+        };
+        PublishRequest {
+            keys,
+            args: [
+                k.channel(room),
+                message.head.clone(),
+                message.middle.clone(),
+                new_epoch(),
+                EpochNotice::head(room),
+                window,
+            ],
+        }
+    }
+
+    /// Runs the publish script for `message` alone.
     pub(super) async fn publish(
         &self,
         client: &Client,
@@ -135,37 +189,46 @@ impl Scripts {
         message: &MessageTemplate,
         dedupe: Option<&Dedupe>,
     ) -> Result<Published, BusError> {
-        let k = &self.keys;
-        let mut keys = self.room_keys(room);
-        let mut args = vec![
-            k.channel(room),
-            message.head.clone(),
-            message.middle.clone(),
+        let request = self.publish_request(room, message, dedupe);
+        self.publish_many(client, vec![request])
+            .await?
+            .pop()
+            .ok_or(BusError::Corrupt("publish reply has no entry"))?
+    }
+
+    /// Runs the publish script once for `requests`: one outcome per request, in order,
+    /// or one error for all of them when the call itself failed.
+    pub(super) async fn publish_many(
+        &self,
+        client: &Client,
+        requests: Vec<PublishRequest>,
+    ) -> Result<Vec<Result<Published, BusError>>, BusError> {
+        let count = requests.len();
+        let mut keys = Vec::with_capacity(requests.len() * 4);
+        let mut args = Vec::with_capacity(5 + requests.len() * 6);
+        args.extend([
             TEMPLATE_TAIL.to_owned(),
             self.history_size.clone(),
             self.publish_command.to_owned(),
-            new_epoch(),
-            EpochNotice::head(room),
             EpochNotice::TAIL.to_owned(),
             self.idle_ttl.clone(),
-        ];
-        if let Some(dedupe) = dedupe {
-            keys.push(k.sent(room, &dedupe.key));
-            args.push(dedupe.window.as_secs().max(1).to_string());
+        ]);
+        for request in requests {
+            keys.extend(request.keys);
+            args.extend(request.args);
         }
         let reply: Value = self.evalsha(client, &self.publish, keys, args).await?;
-        let mut parts = reply.into_array().into_iter();
-        let duplicate = parts
-            .next()
-            .and_then(|v| v.as_u64())
-            .ok_or(BusError::Corrupt("publish reply has no flag"))?
-            == 1;
-        let msg = parts
-            .next()
-            .and_then(Value::into_bytes)
-            .and_then(to_msg)
-            .ok_or(BusError::Corrupt("publish reply has no message frame"))?;
-        Ok(Published { msg, duplicate })
+        let outcomes: Vec<_> = reply
+            .into_array()
+            .into_iter()
+            .map(parse_published)
+            .collect();
+        if outcomes.len() != count {
+            return Err(BusError::Corrupt(
+                "publish reply has a wrong number of entries",
+            ));
+        }
+        Ok(outcomes)
     }
 
     /// Runs the history script from `since`.
@@ -255,6 +318,40 @@ impl Scripts {
     }
 }
 
+/// One message's keys and arguments in a publish call (see `PUBLISH_LUA`).
+#[derive(Debug)]
+pub(super) struct PublishRequest {
+    keys: Vec<String>,
+    args: [String; 6],
+}
+
+/// Reads one entry of the publish script's reply: `{flag, frame or error}`.
+fn parse_published(entry: Value) -> Result<Published, BusError> {
+    let mut parts = entry.into_array().into_iter();
+    let flag = parts
+        .next()
+        .and_then(|v| v.as_u64())
+        .ok_or(BusError::Corrupt("publish reply has no flag"))?;
+    let payload = parts
+        .next()
+        .ok_or(BusError::Corrupt("publish reply has no payload"))?;
+    if flag == 2 {
+        let why = payload.into_string().unwrap_or_default();
+        return Err(BusError::Redis(fred::error::Error::new(
+            fred::error::ErrorKind::Unknown,
+            why,
+        )));
+    }
+    let msg = payload
+        .into_bytes()
+        .and_then(to_msg)
+        .ok_or(BusError::Corrupt("publish reply has no message frame"))?;
+    Ok(Published {
+        msg,
+        duplicate: flag == 1,
+    })
+}
+
 /// A stored or published payload as a message, if it is one.
 pub(super) fn to_msg(json: Bytes) -> Option<Msg> {
     std::str::from_utf8(&json).ok()?;
@@ -339,7 +436,7 @@ mod tests {
     #[test]
     fn the_scripts_render_only_what_rust_gives_them() {
         // The message's closing bytes and the notice's JSON come from Rust, not Lua.
-        assert!(PUBLISH_LUA.contains("ARGV[4]") && !PUBLISH_LUA.contains("'}'"));
+        assert!(PUBLISH_LUA.contains("tail") && !PUBLISH_LUA.contains("'}'"));
         assert!(!PUBLISH_LUA.contains("'{"));
         assert!(!PUBLISH_LUA.contains("\"type\""));
         let room = RoomName::new("lobby").unwrap();

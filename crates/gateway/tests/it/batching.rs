@@ -1,0 +1,122 @@
+//! Publishes that meet in time share one script call on a single Redis (`bus/redis/
+//! batch.rs`): the call carries every publish that waited, each still gets its own id and
+//! ack, and one that fails does not fail the others.
+
+use std::collections::BTreeSet;
+
+use anyhow::{bail, ensure};
+use chat_protocol::{ErrorCode, ServerFrame};
+use chat_testkit::{RedisServer, TestGateway};
+use fred::prelude::*;
+
+use crate::{connect, eventually, metrics::Metrics};
+
+async fn redis_cmd(admin: &Client, args: Vec<&str>) -> anyhow::Result<Value> {
+    let (cmd, rest) = args
+        .split_first()
+        .ok_or_else(|| anyhow::anyhow!("no command"))?;
+    Ok(admin
+        .custom(
+            fred::types::CustomCommand::new(cmd.to_string(), None, false),
+            rest.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+        .await?)
+}
+
+/// `EVALSHA` calls since the last `CONFIG RESETSTAT`.
+async fn evalsha_calls(admin: &Client) -> anyhow::Result<u64> {
+    let stats: String = admin
+        .info(Some(fred::types::InfoKind::CommandStats))
+        .await?;
+    Ok(stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:"))
+        .and_then(|v| v.split(',').find_map(|kv| kv.strip_prefix("calls=")))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0))
+}
+
+/// Holds Redis' writes so that one publish is in flight, lets the others gather behind it
+/// (the gateway has counted them as received), then lets Redis go: two script calls in
+/// all, every sender acked with its own id, and the room whose keys are broken answered
+/// `unavailable` without taking its batch's other messages with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_waiting_behind_one_in_flight_go_together() -> anyhow::Result<()> {
+    const SENDERS: usize = 12;
+    let redis = RedisServer::start().await?;
+    let gw = TestGateway::with_redis(
+        &redis.url(),
+        &[
+            ("PRESENCE", "off"),
+            ("PUBSUB_PROBE_SECS", "0"),
+            ("REDIS_TIMEOUT_MS", "20000"),
+        ],
+    )
+    .await?;
+    let admin = redis.client().await?;
+    let mut senders = Vec::new();
+    for _ in 0..SENDERS {
+        senders.push(connect(&gw, "?room=lobby", "lobby").await?.0);
+    }
+    let (mut broken, _) = connect(&gw, "?room=broken", "broken").await?;
+    // A counter that is not a number: this room's publish fails inside the script.
+    redis_cmd(&admin, vec!["SET", "chat:{broken}:seq", "not a number"]).await?;
+    // Redis learns the publish script (NOSCRIPT, then SCRIPT LOAD) before counting starts.
+    let (mut warm, _) = connect(&gw, "?room=warm-up", "warm-up").await?;
+    warm.say("warm-up", "hello", Some("w")).await?;
+    while !matches!(warm.recv().await?, ServerFrame::Ack { .. }) {}
+    redis_cmd(&admin, vec!["CONFIG", "RESETSTAT"]).await?;
+
+    let _ = redis_cmd(&admin, vec!["CLIENT", "PAUSE", "60000", "WRITE"]).await?;
+    senders[0].say("lobby", "first", Some("s0")).await?;
+    eventually("the first publish waits in Redis", || async {
+        let info: String = admin
+            .info(Some(fred::types::InfoKind::Clients))
+            .await
+            .unwrap_or_default();
+        info.lines().any(|l| l.trim() == "blocked_clients:1")
+    })
+    .await?;
+    for (i, c) in senders.iter_mut().enumerate().skip(1) {
+        c.say("lobby", &format!("m{i}"), Some(&format!("s{i}")))
+            .await?;
+    }
+    broken.say("broken", "lost cause", Some("b")).await?;
+    let received = (SENDERS + 2) as f64; // and the warm-up
+    crate::metrics::until(&gw, "every send received", |m: &Metrics| {
+        Ok(m.value("chat_messages_received_total", &[])? == received)
+    })
+    .await?;
+    redis_cmd(&admin, vec!["CLIENT", "UNPAUSE"]).await?;
+
+    let mut ids = BTreeSet::new();
+    for c in &mut senders {
+        loop {
+            match c.recv().await? {
+                ServerFrame::Ack { id, .. } => {
+                    ensure!(ids.insert(id), "id {id} acked twice");
+                    break;
+                }
+                ServerFrame::Message(_) => {}
+                other => bail!("a sender got {other:?}"),
+            }
+        }
+    }
+    ensure!(
+        ids == (1..=SENDERS as u64).collect::<BTreeSet<_>>(),
+        "ids {ids:?}"
+    );
+    let (code, reference) = broken.recv_error().await?;
+    ensure!(code == ErrorCode::Unavailable && reference.as_deref() == Some("b"));
+    // The first call alone, then everything that gathered behind it.
+    ensure!(
+        evalsha_calls(&admin).await? == 2,
+        "{} script calls",
+        evalsha_calls(&admin).await?
+    );
+    // And every member got the room's messages in id order.
+    let (late, joined) = connect(&gw, "?room=lobby", "lobby").await?;
+    ensure!(joined.ids() == (1..=SENDERS as u64).collect::<Vec<_>>());
+    late.close().await?;
+    Ok(())
+}
