@@ -32,10 +32,20 @@ use crate::bus::{
 /// publishes an epoch notice before the message, so every instance learns of a reset in
 /// order. The timestamp is Redis' clock, read once per call, so `ts` follows id order
 /// whatever the instances' clocks say.
+///
+/// Upkeep is done in steps, not per message: the history list is trimmed back to the
+/// history size once it holds an eighth more (reads look at the newest `size` entries
+/// only, so the extra ones are never seen), and the room's idle TTL is renewed only when
+/// the counter's has fallen below it, to the TTL plus a tenth of it (at most an hour): a
+/// room still lives at least the idle TTL after its last use, for one `PTTL` per
+/// message instead of three `EXPIRE`s and an `LTRIM`.
 const PUBLISH_LUA: &str = r"
 local t = redis.call('TIME')
 local ts = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
-local tail, keep, cmd, notice_tail, ttl = ARGV[1], -tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
+local tail, size, cmd, notice_tail = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local ttl = tonumber(ARGV[5])
+local trim_above = size + math.max(1, math.floor(size / 8))
+local ttl_ms, lease = ttl * 1000, ttl + math.min(math.floor(ttl / 10), 3600)
 local function one(seq, hist, ep, sent, channel, head, middle, candidate, notice, window)
   if sent then
     local prior = redis.call('GET', sent)
@@ -48,12 +58,13 @@ local function one(seq, hist, ep, sent, channel, head, middle, candidate, notice
     redis.call(cmd, channel, notice .. redis.call('GET', ep) .. notice_tail)
   end
   local msg = head .. id .. middle .. ts .. tail
-  redis.call('RPUSH', hist, msg)
-  redis.call('LTRIM', hist, keep, -1)
-  if ttl ~= '0' then
-    redis.call('EXPIRE', seq, ttl)
-    redis.call('EXPIRE', hist, ttl)
-    redis.call('EXPIRE', ep, ttl)
+  if redis.call('RPUSH', hist, msg) > trim_above then
+    redis.call('LTRIM', hist, -size, -1)
+  end
+  if ttl > 0 and (id == 1 or redis.call('PTTL', seq) < ttl_ms) then
+    redis.call('EXPIRE', seq, lease)
+    redis.call('EXPIRE', hist, lease)
+    redis.call('EXPIRE', ep, lease)
   end
   if sent then redis.call('SET', sent, msg, 'EX', window) end
   redis.call(cmd, channel, msg)
@@ -78,12 +89,13 @@ return out
 ";
 
 /// KEYS: seq, history, epoch. ARGV: since (-1 for none), epoch candidate, idle TTL
-/// (seconds, 0 = none), before (-1 for none), limit (0 = no limit). Returns {top, epoch,
-/// entries, more}. With `since`: the entries after it when all of them are retained, else
-/// every retained entry. Without: up to `limit` entries before `before` (the newest), and
-/// `more` = 1 when older retained entries exist. Creates the room's epoch if it has none,
-/// so that `joined` always carries one; a read (a join) keeps the room alive as a
-/// publish does.
+/// (seconds, 0 = none), before (-1 for none), limit (0 = no limit), history size.
+/// Returns {top, epoch, entries, more}. Only the newest `history size` entries of the list
+/// are retained (the publish script trims in steps). With `since`: the retained entries
+/// after it when all of them are retained, else every retained entry. Without: up to
+/// `limit` entries before `before` (the newest), and `more` = 1 when older retained
+/// entries exist. Creates the room's epoch if it has none, so that `joined` always
+/// carries one; a read (a join) keeps the room alive as a publish does.
 const HISTORY_LUA: &str = r"
 local top = tonumber(redis.call('GET', KEYS[1]) or '0')
 local epoch = redis.call('GET', KEYS[3])
@@ -94,7 +106,9 @@ end
 if ARGV[3] ~= '0' then
   for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
 end
-local n = redis.call('LLEN', KEYS[2])
+local total = redis.call('LLEN', KEYS[2])
+local n = math.min(total, tonumber(ARGV[6]))
+local skip = total - n
 local since = tonumber(ARGV[1])
 if since >= 0 then
   local start = 0
@@ -103,7 +117,7 @@ if since >= 0 then
     if newer < n then start = n - newer end
   end
   if start >= n then return {top, epoch, {}, 0} end
-  return {top, epoch, redis.call('LRANGE', KEYS[2], start, -1), 0}
+  return {top, epoch, redis.call('LRANGE', KEYS[2], skip + start, -1), 0}
 end
 local first = top - n + 1
 local last = top
@@ -115,7 +129,7 @@ local limit = tonumber(ARGV[5])
 if limit > 0 and last - limit + 1 > first then from = last - limit + 1 end
 local more = 0
 if from > first then more = 1 end
-return {top, epoch, redis.call('LRANGE', KEYS[2], from - first, last - first), more}
+return {top, epoch, redis.call('LRANGE', KEYS[2], skip + from - first, skip + last - first), more}
 ";
 
 /// The scripts, and how a room's calls are spelled.
@@ -274,6 +288,7 @@ impl Scripts {
             self.idle_ttl.clone(),
             before,
             limit.to_string(),
+            self.history_size.clone(),
         ];
         let reply: Value = self
             .evalsha(client, &self.history, self.room_keys(room), args)
