@@ -34,6 +34,8 @@ from pathlib import Path
 
 import yaml
 
+from checks import check, summary
+
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy/grafana/dashboards/chat-gateway.json"
 DATASOURCES = ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml"
@@ -77,18 +79,6 @@ GRAFANA_VARS = {
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
                 "unless", "bool", "offset", "inf", "nan"}
 
-failures: list[str] = []
-passes = 0
-
-
-def check(cond: bool, what: str) -> None:
-    global passes
-    if cond:
-        passes += 1
-        print(f"  ok   {what}")
-    else:
-        failures.append(what)
-        print(f"  FAIL {what}")
 
 
 def rel(path: Path) -> str:
@@ -263,11 +253,7 @@ def main() -> int:
             part()
         except Exception as e:  # a missing key or an unreadable file is a failed check
             check(False, f"{type(e).__name__}: {e}")
-    if failures:
-        print(f"dashboard: {len(failures)} of {passes + len(failures)} checks FAILED")
-    else:
-        print(f"dashboard: all {passes} checks ok")
-    return 1 if failures else 0
+    return summary("dashboard")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from checks import check, summary
+
 ROOT = Path(__file__).resolve().parents[2]
 BINARY = "chat-gateway"
 
@@ -35,18 +37,6 @@ PING_INTERVAL_SECS = documented_default("PING_INTERVAL_SECS")
 SHUTDOWN_GRACE_SECS = documented_default("SHUTDOWN_GRACE_SECS")
 GATEWAY_PORT = documented_default("PORT")
 
-failures: list[str] = []
-passes = 0
-
-
-def check(cond: bool, what: str) -> None:
-    global passes
-    if cond:
-        passes += 1
-        print(f"  ok   {what}")
-    else:
-        failures.append(what)
-        print(f"  FAIL {what}")
 
 
 def secs(value) -> float:
@@ -320,11 +310,7 @@ def main() -> int:
             part()
         except Exception as e:  # a missing key is a failed check, not a crash
             check(False, f"{part.__name__}: {type(e).__name__}: {e}")
-    if failures:
-        print(f"policy: {len(failures)} of {passes + len(failures)} checks FAILED")
-    else:
-        print(f"policy: all {passes} checks ok")
-    return 1 if failures else 0
+    return summary("policy")
 
 
 if __name__ == "__main__":

@@ -225,23 +225,21 @@ impl Metrics {
             "chat_bytes_sent_total",
             "Bytes written to WebSocket clients",
         );
-        r.describe_histogram(
-            KeyName::from_const_str("chat_publish_duration_seconds"),
-            Some(Unit::Seconds),
-            "Round trip of a publish to the message bus".into(),
+        let seconds = |name: &'static str, help: &'static str| {
+            r.describe_histogram(
+                KeyName::from_const_str(name),
+                Some(Unit::Seconds),
+                help.into(),
+            );
+            r.register_histogram(&Key::from_static_name(name), &METADATA)
+        };
+        let publish_duration = seconds(
+            "chat_publish_duration_seconds",
+            "Round trip of a publish to the message bus",
         );
-        let publish_duration = r.register_histogram(
-            &Key::from_static_name("chat_publish_duration_seconds"),
-            &METADATA,
-        );
-        r.describe_histogram(
-            KeyName::from_const_str("chat_delivery_lag_seconds"),
-            Some(Unit::Seconds),
-            "From a message's ts to its delivery to this instance's members".into(),
-        );
-        let delivery_lag = r.register_histogram(
-            &Key::from_static_name("chat_delivery_lag_seconds"),
-            &METADATA,
+        let delivery_lag = seconds(
+            "chat_delivery_lag_seconds",
+            "From a message's ts to its delivery to this instance's members",
         );
         r.describe_counter(
             KeyName::from_const_str("chat_errors_total"),

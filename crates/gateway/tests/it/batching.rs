@@ -9,7 +9,7 @@ use chat_protocol::{ErrorCode, ServerFrame};
 use chat_testkit::{RedisServer, TestGateway};
 use fred::prelude::*;
 
-use crate::{connect, eventually, metrics::Metrics};
+use crate::{connect, metrics::Metrics};
 
 async fn redis_cmd(admin: &Client, args: Vec<&str>) -> anyhow::Result<Value> {
     let (cmd, rest) = args
@@ -69,14 +69,7 @@ async fn publishes_waiting_behind_one_in_flight_go_together() -> anyhow::Result<
 
     let _ = redis_cmd(&admin, vec!["CLIENT", "PAUSE", "60000", "WRITE"]).await?;
     senders[0].say("lobby", "first", Some("s0")).await?;
-    eventually("the first publish waits in Redis", || async {
-        let info: String = admin
-            .info(Some(fred::types::InfoKind::Clients))
-            .await
-            .unwrap_or_default();
-        info.lines().any(|l| l.trim() == "blocked_clients:1")
-    })
-    .await?;
+    crate::until_redis_holds_one(&admin).await?;
     for (i, c) in senders.iter_mut().enumerate().skip(1) {
         c.say("lobby", &format!("m{i}"), Some(&format!("s{i}")))
             .await?;

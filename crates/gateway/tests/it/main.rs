@@ -96,3 +96,16 @@ where
     }
     Ok(())
 }
+
+/// Waits until Redis holds exactly one client's command (a paused write in flight).
+pub async fn until_redis_holds_one(admin: &fred::prelude::Client) -> anyhow::Result<()> {
+    use fred::prelude::*;
+    eventually("a command held in Redis", || async {
+        let info: String = admin
+            .info(Some(fred::types::InfoKind::Clients))
+            .await
+            .unwrap_or_default();
+        info.lines().any(|l| l.trim() == "blocked_clients:1")
+    })
+    .await
+}

@@ -8,7 +8,7 @@ use chat_testkit::{RedisProxy, RedisServer, TestGateway, WsClient};
 use fred::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{Env, connect, eventually, on_both_buses};
+use crate::{Env, connect, on_both_buses};
 
 /// Sends `n` messages of `size` bytes to `room`, a window of them in flight at a time;
 /// returns once all are acknowledged.
@@ -290,14 +290,7 @@ async fn an_ack_in_flight_at_shutdown_is_written_before_the_1012_close() -> anyh
         )
         .await?;
     c.say("drain", "last words", Some("r1")).await?;
-    eventually("the publish waits in Redis", || async {
-        let info: String = admin
-            .info(Some(fred::types::InfoKind::Clients))
-            .await
-            .unwrap_or_default();
-        info.lines().any(|l| l.trim() == "blocked_clients:1")
-    })
-    .await?;
+    crate::until_redis_holds_one(&admin).await?;
     gw.begin_shutdown();
     loop {
         match c.recv().await {

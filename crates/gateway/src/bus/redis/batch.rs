@@ -30,7 +30,7 @@ use super::scripts::{PublishRequest, Scripts};
 use crate::bus::{BusError, Published};
 
 /// Most messages in one script call.
-pub(super) const MAX_BATCH: usize = 64;
+const MAX_BATCH: usize = 64;
 
 /// Publishes waiting for the lane at most: beyond it a publish is answered
 /// [`BusError::Timeout`] at once (the client gets `unavailable` and may retry). Each
