@@ -119,6 +119,8 @@ async fn the_users_of_a_killed_instance_are_reported_left_by_the_survivors() -> 
     ];
     let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let doomed = GatewayProcess::spawn(env!("CARGO_BIN_EXE_chat-gateway"), &vars).await?;
+    // "listening" comes before its Redis connection: a join before that is `unavailable`.
+    crate::process::ready(&doomed).await?;
     let survivor = TestGateway::with_redis(
         &topo.url(),
         &[("AUTH_JWT_SECRET", SECRET), ("PRESENCE_TTL_SECS", "5")],

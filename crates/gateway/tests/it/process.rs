@@ -10,7 +10,8 @@ use crate::eventually;
 
 const BIN: &str = env!("CARGO_BIN_EXE_chat-gateway");
 
-async fn ready(gw: &GatewayProcess) -> anyhow::Result<()> {
+/// Waits until a spawned gateway reports ready (its bus connected).
+pub(crate) async fn ready(gw: &GatewayProcess) -> anyhow::Result<()> {
     eventually("readyz 200", || async {
         gw.get_status("/readyz").await == Some(200)
     })
