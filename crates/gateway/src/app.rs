@@ -33,7 +33,7 @@ use crate::{
     presence::{self, Presence},
     routes::{metrics_router, router},
     state::AppState,
-    transport::WriteScheduler,
+    transport::{Coalescing, WriteScheduler},
 };
 
 /// Start-up or serving failed.
@@ -223,7 +223,10 @@ fn bind_metrics(config: &Config) -> Result<Option<TcpListener>, AppError> {
 fn start(config: Config) -> Result<Arc<AppState>, AppError> {
     let metrics = Metrics::new(env!("CARGO_PKG_VERSION"))?;
     metrics.keep_up();
-    let writes = WriteScheduler::coalescing(config.write_coalesce);
+    let writes = WriteScheduler::coalescing(Coalescing::new(
+        config.write_coalesce,
+        config.write_coalesce_adaptive,
+    ));
     let hub = Arc::new(Hub::new(config.client_queue, writes, metrics.clone()));
     let events: Arc<dyn BusEvents> = hub.clone();
     let bus = match &config.redis_url {

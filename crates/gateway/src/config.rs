@@ -125,6 +125,10 @@ pub struct Config {
     /// At most one flush of the clients' sockets per interval for chat messages, so one
     /// syscall carries several (`WRITE_COALESCE_MS`, default 0 = write at once).
     pub write_coalesce: Duration,
+    /// With `write_coalesce`: coalesce per client, writing at once to a client not written
+    /// to for an interval (`WRITE_COALESCE_MODE=adaptive`; default `interval`: one flush of
+    /// every client per interval).
+    pub write_coalesce_adaptive: bool,
     /// Longest wait for Redis on one command before answering `unavailable` (`REDIS_TIMEOUT_MS`, default 2000).
     pub redis_timeout: Duration,
     /// Interval of the pub/sub delivery self-probe (`PUBSUB_PROBE_SECS`, default 5; 0 = off).
@@ -224,6 +228,7 @@ struct Raw {
     ping_interval_secs: Option<u64>,
     write_timeout_secs: Option<u64>,
     write_coalesce_ms: Option<u64>,
+    write_coalesce_mode: Option<String>,
     redis_timeout_ms: Option<u64>,
     pubsub_probe_secs: Option<u64>,
     redis_tls_insecure: Option<String>,
@@ -460,6 +465,22 @@ impl Config {
         if write_coalesce > 1000 {
             return Err(invalid("WRITE_COALESCE_MS", "must be at most 1000"));
         }
+        let write_coalesce_adaptive = match raw.write_coalesce_mode.as_deref() {
+            None | Some("interval") => false,
+            Some("adaptive") if write_coalesce == 0 => {
+                return Err(invalid(
+                    "WRITE_COALESCE_MODE",
+                    "`adaptive` needs WRITE_COALESCE_MS above 0 (its bound)",
+                ));
+            }
+            Some("adaptive") => true,
+            Some(_) => {
+                return Err(invalid(
+                    "WRITE_COALESCE_MODE",
+                    "must be `interval` or `adaptive`",
+                ));
+            }
+        };
         let redis_timeout = raw.redis_timeout_ms.unwrap_or(2000);
         if !(10..=60_000).contains(&redis_timeout) {
             return Err(invalid("REDIS_TIMEOUT_MS", "must be between 10 and 60000"));
@@ -515,6 +536,7 @@ impl Config {
             ping_interval,
             write_timeout,
             write_coalesce: Duration::from_millis(write_coalesce),
+            write_coalesce_adaptive,
             redis_timeout: Duration::from_millis(redis_timeout),
             redis_tls_insecure,
             redis_tls_ca_file: raw.redis_tls_ca_file,
@@ -647,6 +669,14 @@ mod tests {
                 "MAX_ROOMS_PER_CONNECTION",
             ),
             (&[("REDIS_URL", "http://x")][..], "REDIS_URL"),
+            (
+                &[("WRITE_COALESCE_MODE", "sometimes")][..],
+                "WRITE_COALESCE_MODE",
+            ),
+            (
+                &[("WRITE_COALESCE_MODE", "adaptive")][..],
+                "WRITE_COALESCE_MODE",
+            ),
         ] {
             let err = cfg(vars).unwrap_err().to_string();
             assert!(err.contains(name), "{err:?} should name {name}");
@@ -664,6 +694,29 @@ mod tests {
             assert!(max > 0 && max < soft, "{max} of {soft}");
         }
         assert_eq!(cfg(&[("MAX_CONNECTIONS", "0")]).unwrap().max_connections, 0);
+    }
+
+    #[test]
+    fn write_coalescing_is_an_interval_and_a_mode() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(
+            (c.write_coalesce, c.write_coalesce_adaptive),
+            (Duration::ZERO, false)
+        );
+        let c = cfg(&[("WRITE_COALESCE_MS", "10")]).unwrap();
+        assert_eq!(
+            (c.write_coalesce, c.write_coalesce_adaptive),
+            (Duration::from_millis(10), false)
+        );
+        let c = cfg(&[
+            ("WRITE_COALESCE_MS", "10"),
+            ("WRITE_COALESCE_MODE", "adaptive"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.write_coalesce, c.write_coalesce_adaptive),
+            (Duration::from_millis(10), true)
+        );
     }
 
     #[test]

@@ -40,7 +40,7 @@ use tracing::debug;
 use tungstenite::protocol::{Role, WebSocketConfig};
 
 pub use outbox::{Bounds, CONTROL_CAP, Class, Closed, Outbox, Socket, WRITE_BATCH};
-pub use pending::{PendingWrites, WriteScheduler};
+pub use pending::{Coalescing, PendingWrites, WriteScheduler};
 pub use upgrade::{Upgrade, UpgradeRejection, Upgraded};
 
 #[cfg(test)]

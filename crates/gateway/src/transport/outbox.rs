@@ -35,7 +35,7 @@ use std::{
     pin::Pin,
     sync::{
         Mutex, MutexGuard,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
@@ -203,6 +203,9 @@ pub struct Outbox {
     alive: AtomicBool,
     /// Listed in a [`super::PendingWrites`], waiting for its write.
     pub(super) pending: AtomicBool,
+    /// When a coalesced batch last wrote this outbox (adaptive `WRITE_COALESCE_MODE`'s
+    /// stamp; 0 = never).
+    pub(super) last_flush: AtomicU64,
     bounds: Bounds,
     /// `chat_bytes_sent_total` (shared by every outbox; see [`Outbox::counting`]).
     pub(super) sent: Counter,
@@ -219,6 +222,7 @@ impl Outbox {
             done: CancellationToken::new(),
             alive: AtomicBool::new(true),
             pending: AtomicBool::new(false),
+            last_flush: AtomicU64::new(0),
             bounds,
             sent: Counter::noop(),
         }

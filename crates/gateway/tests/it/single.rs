@@ -23,6 +23,7 @@ on_both_buses!(
     replay_larger_than_the_client_queue_is_flow_controlled,
     a_slow_client_is_closed_with_1013_and_never_delays_the_room,
     coalesced_writes_deliver_every_message_once_in_order,
+    adaptive_coalesced_writes_deliver_every_message_once_in_order,
 );
 
 async fn welcome_then_empty_join(env: Env) -> anyhow::Result<()> {
@@ -567,9 +568,28 @@ async fn a_slow_client_is_closed_with_1013_and_never_delays_the_room(
 /// still gets every message once, in id order, and each writer's messages in the order
 /// it sent them.
 async fn coalesced_writes_deliver_every_message_once_in_order(env: Env) -> anyhow::Result<()> {
-    let gw = env
-        .gateway(&[("WRITE_COALESCE_MS", "20"), ("RATE_LIMIT_PER_SEC", "0")])
-        .await?;
+    every_message_once_in_order(env, &[("WRITE_COALESCE_MS", "20")]).await
+}
+
+/// The same with `WRITE_COALESCE_MODE=adaptive` (each client written at most once per
+/// interval, at once when it was not written to for an interval).
+async fn adaptive_coalesced_writes_deliver_every_message_once_in_order(
+    env: Env,
+) -> anyhow::Result<()> {
+    every_message_once_in_order(
+        env,
+        &[
+            ("WRITE_COALESCE_MS", "20"),
+            ("WRITE_COALESCE_MODE", "adaptive"),
+        ],
+    )
+    .await
+}
+
+async fn every_message_once_in_order(env: Env, coalescing: &[(&str, &str)]) -> anyhow::Result<()> {
+    let mut vars = vec![("RATE_LIMIT_PER_SEC", "0")];
+    vars.extend_from_slice(coalescing);
+    let gw = env.gateway(&vars).await?;
     const EACH: u64 = 150;
     let mut readers = Vec::new();
     for _ in 0..3 {
