@@ -34,6 +34,17 @@ for i in 1 2 3; do
   $B fanout --spawn 2 --rooms 1000 --subs 10 --pubs 1 --rate 10000 --duration 15 --room-affinity > $O/rooms1000-affinity-$i.txt 2>&1
 done
 $B fanout --spawn 2 --rooms 1000 --subs 10 --pubs 1 --rate 10000 --duration 15 > $O/rooms1000-spread-1.txt 2>&1
+# Adaptive write coalescing (BENCHMARKS.md): a big busy room and many quiet rooms, in
+# the three modes.
+for i in 1 2 3; do
+  for mode in "" "--env WRITE_COALESCE_MS=10" "--env WRITE_COALESCE_MS=10 --env WRITE_COALESCE_MODE=adaptive"; do
+    tag=$(echo "$mode" | tr -c 'a-zA-Z0-9' '_')
+    $B fanout --spawn 1 $mode --rooms 1 --subs 100 --pubs 10 --rate 500 --duration 10 > $O/coalesce-bigroom$tag-$i.txt 2>&1
+    $B fanout --spawn 2 $mode --rooms 1000 --subs 10 --pubs 1 --rate 1000 --duration 15 --room-affinity > $O/coalesce-rooms1000$tag-$i.txt 2>&1
+  done
+  # One member per room: the gateway's cost per published message.
+  $B fanout --spawn 2 --rooms 1000 --subs 1 --pubs 1 --rate 5000 --duration 15 --room-affinity > $O/rooms1000-one-member-$i.txt 2>&1
+done
 $B ramp --spawn 2 --rooms 1 --subs 1000 --pubs 10 --start-rate 50 --factor 1.5 --duration 8 --p99-ms 25 > $O/ramp-1000subs.txt 2>&1
 $B churn --spawn 1 --rate 200 --duration 20 > $O/churn-1.txt 2>&1
 echo done > $O/DONE
