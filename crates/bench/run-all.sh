@@ -44,6 +44,14 @@ for i in 1 2 3; do
   done
   # One member per room: the gateway's cost per published message.
   $B fanout --spawn 2 --rooms 1000 --subs 1 --pubs 1 --rate 5000 --duration 15 --room-affinity > $O/rooms1000-one-member-$i.txt 2>&1
+  # Pacing the publish lane: PUBLISH_BATCH_MS off (0) and default (1).
+  for b in 0 1; do
+    $B fanout --spawn 2 --env PUBLISH_BATCH_MS=$b --rooms 1000 --subs 10 --pubs 1 --rate 7000 --duration 15 --room-affinity > $O/batch$b-rooms1000-7000-$i.txt 2>&1
+    $B fanout --spawn 2 --env PUBLISH_BATCH_MS=$b --rooms 1000 --subs 1 --pubs 1 --rate 5000 --duration 15 --room-affinity > $O/batch$b-one-member-5000-$i.txt 2>&1
+    $B fanout --spawn 2 --env PUBLISH_BATCH_MS=$b --rooms 1000 --subs 1 --pubs 1 --rate 500 --duration 15 --room-affinity > $O/batch$b-one-member-500-$i.txt 2>&1
+    $B fanout --spawn 1 --env PUBLISH_BATCH_MS=$b --rooms 1 --subs 100 --pubs 10 --rate 500 --duration 10 > $O/batch$b-bigroom-$i.txt 2>&1
+    $B fanout --spawn 2 --env PUBLISH_BATCH_MS=$b --rooms 1 --subs 1000 --pubs 10 --rate 20 --duration 10 > $O/batch$b-1000subs-rate20-$i.txt 2>&1
+  done
 done
 $B ramp --spawn 2 --rooms 1 --subs 1000 --pubs 10 --start-rate 50 --factor 1.5 --duration 8 --p99-ms 25 > $O/ramp-1000subs.txt 2>&1
 $B churn --spawn 1 --rate 200 --duration 20 > $O/churn-1.txt 2>&1

@@ -252,6 +252,7 @@ fn start(config: Config) -> Result<Arc<AppState>, AppError> {
                 tls_insecure: config.redis_tls_insecure,
                 tls_ca_file: config.redis_tls_ca_file.clone(),
                 room_idle_ttl: config.room_idle_ttl,
+                publish_batch: config.publish_batch,
                 reconnects: metrics.redis_reconnects.clone(),
             };
             AnyBus::Redis(RedisBus::connect(&settings, events)?)

@@ -129,6 +129,10 @@ pub struct Config {
     /// to for an interval (`WRITE_COALESCE_MODE=adaptive`; default `interval`: one flush of
     /// every client per interval).
     pub write_coalesce_adaptive: bool,
+    /// Under load, one publish script call per this interval carries every publish that
+    /// arrived meanwhile; a publish finding Redis' lane quiet goes at once
+    /// (`PUBLISH_BATCH_MS`, default 1; 0 = a call as soon as the previous one is answered).
+    pub publish_batch: Duration,
     /// Longest wait for Redis on one command before answering `unavailable` (`REDIS_TIMEOUT_MS`, default 2000).
     pub redis_timeout: Duration,
     /// Interval of the pub/sub delivery self-probe (`PUBSUB_PROBE_SECS`, default 5; 0 = off).
@@ -229,6 +233,7 @@ struct Raw {
     write_timeout_secs: Option<u64>,
     write_coalesce_ms: Option<u64>,
     write_coalesce_mode: Option<String>,
+    publish_batch_ms: Option<u64>,
     redis_timeout_ms: Option<u64>,
     pubsub_probe_secs: Option<u64>,
     redis_tls_insecure: Option<String>,
@@ -481,7 +486,14 @@ impl Config {
                 ));
             }
         };
+        let publish_batch = raw.publish_batch_ms.unwrap_or(1);
         let redis_timeout = raw.redis_timeout_ms.unwrap_or(2000);
+        if publish_batch > 10_000 || publish_batch * 2 > redis_timeout {
+            return Err(invalid(
+                "PUBLISH_BATCH_MS",
+                "must be at most 10000 and at most half of REDIS_TIMEOUT_MS",
+            ));
+        }
         if !(10..=60_000).contains(&redis_timeout) {
             return Err(invalid("REDIS_TIMEOUT_MS", "must be between 10 and 60000"));
         }
@@ -537,6 +549,7 @@ impl Config {
             write_timeout,
             write_coalesce: Duration::from_millis(write_coalesce),
             write_coalesce_adaptive,
+            publish_batch: Duration::from_millis(publish_batch),
             redis_timeout: Duration::from_millis(redis_timeout),
             redis_tls_insecure,
             redis_tls_ca_file: raw.redis_tls_ca_file,
@@ -717,6 +730,23 @@ mod tests {
             (c.write_coalesce, c.write_coalesce_adaptive),
             (Duration::from_millis(10), true)
         );
+    }
+
+    #[test]
+    fn publish_batching_is_bounded_by_the_redis_timeout() {
+        assert_eq!(cfg(&[]).unwrap().publish_batch, Duration::from_millis(1));
+        let c = cfg(&[("PUBLISH_BATCH_MS", "0")]).unwrap();
+        assert_eq!(c.publish_batch, Duration::ZERO);
+        let c = cfg(&[("PUBLISH_BATCH_MS", "1000")]).unwrap();
+        assert_eq!(c.publish_batch, Duration::from_secs(1));
+        for bad in [
+            vec![("PUBLISH_BATCH_MS", "1001")],
+            vec![("PUBLISH_BATCH_MS", "10001"), ("REDIS_TIMEOUT_MS", "60000")],
+            vec![("PUBLISH_BATCH_MS", "18446744073709551615")],
+            vec![("PUBLISH_BATCH_MS", "-1")],
+        ] {
+            assert!(cfg(&bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

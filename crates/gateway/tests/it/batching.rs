@@ -113,3 +113,81 @@ async fn publishes_waiting_behind_one_in_flight_go_together() -> anyhow::Result<
     late.close().await?;
     Ok(())
 }
+
+/// `PUBLISH_BATCH_MS` under load: after a call that carried several messages the next one
+/// waits for the interval, gathering every publish that arrives meanwhile, and a full
+/// batch (64) goes at once without waiting the interval out. The interval here is far
+/// longer than the test, and without it the first of 64 quick sends would go alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_publishes_gather_for_the_batch_interval() -> anyhow::Result<()> {
+    const FULL: usize = 64;
+    let redis = RedisServer::start().await?;
+    let gw = TestGateway::with_redis(
+        &redis.url(),
+        &[
+            ("PRESENCE", "off"),
+            ("PUBSUB_PROBE_SECS", "0"),
+            ("REDIS_TIMEOUT_MS", "60000"),
+            ("PUBLISH_BATCH_MS", "10000"),
+            ("RATE_LIMIT_PER_SEC", "0"),
+        ],
+    )
+    .await?;
+    let admin = redis.client().await?;
+    let mut senders = Vec::new();
+    for _ in 0..FULL {
+        senders.push(connect(&gw, "?room=busy", "busy").await?.0);
+    }
+    // Redis learns the script with a call of one message: the lane stays quiet.
+    let (mut warm, _) = connect(&gw, "?room=warm-up", "warm-up").await?;
+    warm.say("warm-up", "hello", Some("w")).await?;
+    while !matches!(warm.recv().await?, ServerFrame::Ack { .. }) {}
+
+    // Load: one call in flight, two publishes gather behind it and go together.
+    let _ = redis_cmd(&admin, vec!["CLIENT", "PAUSE", "60000", "WRITE"]).await?;
+    senders[0].say("busy", "first", Some("f0")).await?;
+    crate::until_redis_holds_one(&admin).await?;
+    senders[1].say("busy", "second", Some("f1")).await?;
+    senders[2].say("busy", "third", Some("f2")).await?;
+    crate::metrics::until(&gw, "every send received", |m: &Metrics| {
+        Ok(m.value("chat_messages_received_total", &[])? == 4.0)
+    })
+    .await?;
+    redis_cmd(&admin, vec!["CLIENT", "UNPAUSE"]).await?;
+    for c in senders.iter_mut().take(3) {
+        while !matches!(c.recv().await?, ServerFrame::Ack { .. }) {}
+    }
+    redis_cmd(&admin, vec!["CONFIG", "RESETSTAT"]).await?;
+
+    // The lane now waits the interval: 64 quick sends fill one call, which goes at once.
+    for (i, c) in senders.iter_mut().enumerate() {
+        c.say("busy", &format!("m{i}"), Some(&format!("s{i}")))
+            .await?;
+    }
+    let mut ids = BTreeSet::new();
+    for c in &mut senders {
+        loop {
+            match c.recv().await? {
+                ServerFrame::Ack { id, .. } => {
+                    ensure!(ids.insert(id), "id {id} acked twice");
+                    break;
+                }
+                ServerFrame::Message(_) => {}
+                other => bail!("a sender got {other:?}"),
+            }
+        }
+    }
+    ensure!(
+        ids == (4..4 + FULL as u64).collect::<BTreeSet<_>>(),
+        "ids {ids:?}"
+    );
+    let calls = evalsha_calls(&admin).await?;
+    ensure!(calls == 1, "{calls} script calls for one full batch");
+
+    // A full batch leaves the lane quiet: a lone publish goes at once, in its own call.
+    warm.say("warm-up", "again", Some("w2")).await?;
+    while !matches!(warm.recv().await?, ServerFrame::Ack { .. }) {}
+    let calls = evalsha_calls(&admin).await?;
+    ensure!(calls == 2, "{calls} script calls");
+    Ok(())
+}

@@ -5,7 +5,13 @@
 //! while that call is in flight, lets the next ones gather. At low load a publish finds
 //! the lane idle and goes at once, alone (no added delay); under load a call carries
 //! everything that arrived during the previous one, so Redis pays one script call, one
-//! `TIME` and one reply for many messages instead of one each. Each message is still
+//! `TIME` and one reply for many messages instead of one each. With a batch interval
+//! (`PUBLISH_BATCH_MS`) the lane also paces itself under load: after a call that carried
+//! more than one message, the next starts no sooner than the interval after it began, so
+//! calls carry more messages each (much of Redis' cost is per call: a read, a reply, the
+//! script's setup, one write to each subscribed instance). A call that carried one
+//! message means the lane is quiet: the next publish goes at once, as without the
+//! interval. A full batch is never held back. Each message is still
 //! stored and published as if alone (its own id, history, dedupe record, `PUBLISH`), and
 //! one that fails does not fail the others.
 //!
@@ -61,13 +67,17 @@ impl std::fmt::Debug for Waiting {
 impl Lane {
     /// Starts the lane's task, which runs `scripts` on `client`; each publish waits for
     /// its turn at most `timeout`.
+    /// A call starts no sooner than `interval` after the previous one began when that one
+    /// carried several messages but not a full batch (`Duration::ZERO`: as soon as the
+    /// previous one is answered).
     pub(super) fn start(
         scripts: Arc<Scripts>,
         client: Client,
         timeout: Duration,
+        interval: Duration,
     ) -> (Self, JoinHandle<()>) {
         let (queue, waiting) = mpsc::channel(QUEUE);
-        let task = tokio::spawn(run(scripts, client, waiting));
+        let task = tokio::spawn(run(scripts, client, waiting, interval));
         (Lane { queue, timeout }, task)
     }
 
@@ -93,12 +103,38 @@ impl Lane {
 }
 
 /// The lane's task: one script call at a time, each for everything that is waiting.
-async fn run(scripts: Arc<Scripts>, client: Client, mut waiting: mpsc::Receiver<Waiting>) {
+async fn run(
+    scripts: Arc<Scripts>,
+    client: Client,
+    mut waiting: mpsc::Receiver<Waiting>,
+    interval: Duration,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut requests = Vec::with_capacity(MAX_BATCH);
     let mut replies = Vec::with_capacity(MAX_BATCH);
+    // When the next call may start: the previous one's start plus the interval when it
+    // carried more than one message (under load) but not a full batch, else at once.
+    let mut next_call = Instant::now();
     while waiting.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        if batch.len() < MAX_BATCH && next_call > Instant::now() {
+            // Busy: gather until the interval is up or the batch is full.
+            let up = tokio::time::sleep_until(next_call);
+            tokio::pin!(up);
+            while batch.len() < MAX_BATCH {
+                let room = MAX_BATCH - batch.len();
+                tokio::select! {
+                    () = &mut up => break,
+                    // Cancel safe: nothing is taken from the queue unless it returns.
+                    n = waiting.recv_many(&mut batch, room) => if n == 0 { break },
+                }
+            }
+        }
         let now = Instant::now();
+        next_call = if (2..MAX_BATCH).contains(&batch.len()) {
+            now + interval
+        } else {
+            now
+        };
         for w in batch.drain(..) {
             if w.reply.is_closed() {
                 continue;

@@ -124,6 +124,9 @@ pub struct RedisSettings {
     pub tls_ca_file: Option<String>,
     /// Rooms idle this long expire as a whole (`None`: never).
     pub room_idle_ttl: Option<Duration>,
+    /// Under load, one publish script call per this interval (`batch.rs`; zero: a call as
+    /// soon as the previous one is answered).
+    pub publish_batch: Duration,
     /// `chat_redis_reconnects_total`.
     pub reconnects: metrics::Counter,
 }
@@ -196,8 +199,12 @@ impl RedisBus {
             settings.room_idle_ttl,
         ));
         let lane = (!sharded).then(|| {
-            let (lane, task) =
-                batch::Lane::start(scripts.clone(), commands.clone(), settings.timeout);
+            let (lane, task) = batch::Lane::start(
+                scripts.clone(),
+                commands.clone(),
+                settings.timeout,
+                settings.publish_batch,
+            );
             tasks.push(task);
             lane
         });
