@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use anyhow::{bail, ensure};
 use chat_protocol::{ErrorCode, ServerFrame};
-use chat_testkit::{RedisServer, TestGateway};
+use chat_testkit::{RedisServer, TestGateway, WsClient};
 use fred::prelude::*;
 
 use crate::{connect, metrics::Metrics};
@@ -36,6 +36,55 @@ async fn evalsha_calls(admin: &Client) -> anyhow::Result<u64> {
         .unwrap_or(0))
 }
 
+/// A Redis, a gateway on it with `vars` (presence and the probe off, so the publish script
+/// is the only `EVALSHA`), an admin client and `n` members of `room`.
+async fn lane_setup(
+    vars: &[(&str, &str)],
+    room: &str,
+    n: usize,
+) -> anyhow::Result<(RedisServer, TestGateway, Client, Vec<WsClient>)> {
+    let redis = RedisServer::start().await?;
+    let mut all = vec![("PRESENCE", "off"), ("PUBSUB_PROBE_SECS", "0")];
+    all.extend_from_slice(vars);
+    let gw = TestGateway::with_redis(&redis.url(), &all).await?;
+    let admin = redis.client().await?;
+    let mut members = Vec::new();
+    for _ in 0..n {
+        members.push(connect(&gw, &format!("?room={room}"), room).await?.0);
+    }
+    Ok((redis, gw, admin, members))
+}
+
+/// Sends one message in its own room and waits for the ack: Redis learns the publish
+/// script (NOSCRIPT, then SCRIPT LOAD) in a call of one message.
+async fn warm_up(gw: &TestGateway) -> anyhow::Result<WsClient> {
+    let (mut warm, _) = connect(gw, "?room=warm-up", "warm-up").await?;
+    warm.say("warm-up", "hello", Some("w")).await?;
+    until_ack(&mut warm).await?;
+    Ok(warm)
+}
+
+/// The id of `c`'s next ack, skipping the room's messages.
+async fn until_ack(c: &mut WsClient) -> anyhow::Result<u64> {
+    loop {
+        match c.recv().await? {
+            ServerFrame::Ack { id, .. } => return Ok(id),
+            ServerFrame::Message(_) => {}
+            other => bail!("a sender got {other:?}"),
+        }
+    }
+}
+
+/// One ack from each of `senders`: their ids, each once.
+async fn one_ack_each(senders: &mut [WsClient]) -> anyhow::Result<BTreeSet<u64>> {
+    let mut ids = BTreeSet::new();
+    for c in senders {
+        let id = until_ack(c).await?;
+        ensure!(ids.insert(id), "id {id} acked twice");
+    }
+    Ok(ids)
+}
+
 /// Holds Redis' writes so that one publish is in flight, lets the others gather behind it
 /// (the gateway has counted them as received), then lets Redis go: two script calls in
 /// all, every sender acked with its own id, and the room whose keys are broken answered
@@ -43,28 +92,13 @@ async fn evalsha_calls(admin: &Client) -> anyhow::Result<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_waiting_behind_one_in_flight_go_together() -> anyhow::Result<()> {
     const SENDERS: usize = 12;
-    let redis = RedisServer::start().await?;
-    let gw = TestGateway::with_redis(
-        &redis.url(),
-        &[
-            ("PRESENCE", "off"),
-            ("PUBSUB_PROBE_SECS", "0"),
-            ("REDIS_TIMEOUT_MS", "20000"),
-        ],
-    )
-    .await?;
-    let admin = redis.client().await?;
-    let mut senders = Vec::new();
-    for _ in 0..SENDERS {
-        senders.push(connect(&gw, "?room=lobby", "lobby").await?.0);
-    }
+    let (_redis, gw, admin, mut senders) =
+        lane_setup(&[("REDIS_TIMEOUT_MS", "20000")], "lobby", SENDERS).await?;
     let (mut broken, _) = connect(&gw, "?room=broken", "broken").await?;
     // A counter that is not a number: this room's publish fails inside the script.
     redis_cmd(&admin, vec!["SET", "chat:{broken}:seq", "not a number"]).await?;
-    // Redis learns the publish script (NOSCRIPT, then SCRIPT LOAD) before counting starts.
-    let (mut warm, _) = connect(&gw, "?room=warm-up", "warm-up").await?;
-    warm.say("warm-up", "hello", Some("w")).await?;
-    while !matches!(warm.recv().await?, ServerFrame::Ack { .. }) {}
+    // Redis learns the publish script before counting starts.
+    warm_up(&gw).await?;
     redis_cmd(&admin, vec!["CONFIG", "RESETSTAT"]).await?;
 
     let _ = redis_cmd(&admin, vec!["CLIENT", "PAUSE", "60000", "WRITE"]).await?;
@@ -82,19 +116,7 @@ async fn publishes_waiting_behind_one_in_flight_go_together() -> anyhow::Result<
     .await?;
     redis_cmd(&admin, vec!["CLIENT", "UNPAUSE"]).await?;
 
-    let mut ids = BTreeSet::new();
-    for c in &mut senders {
-        loop {
-            match c.recv().await? {
-                ServerFrame::Ack { id, .. } => {
-                    ensure!(ids.insert(id), "id {id} acked twice");
-                    break;
-                }
-                ServerFrame::Message(_) => {}
-                other => bail!("a sender got {other:?}"),
-            }
-        }
-    }
+    let ids = one_ack_each(&mut senders).await?;
     ensure!(
         ids == (1..=SENDERS as u64).collect::<BTreeSet<_>>(),
         "ids {ids:?}"
@@ -121,27 +143,14 @@ async fn publishes_waiting_behind_one_in_flight_go_together() -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_load_publishes_gather_for_the_batch_interval() -> anyhow::Result<()> {
     const FULL: usize = 64;
-    let redis = RedisServer::start().await?;
-    let gw = TestGateway::with_redis(
-        &redis.url(),
-        &[
-            ("PRESENCE", "off"),
-            ("PUBSUB_PROBE_SECS", "0"),
-            ("REDIS_TIMEOUT_MS", "60000"),
-            ("PUBLISH_BATCH_MS", "10000"),
-            ("RATE_LIMIT_PER_SEC", "0"),
-        ],
-    )
-    .await?;
-    let admin = redis.client().await?;
-    let mut senders = Vec::new();
-    for _ in 0..FULL {
-        senders.push(connect(&gw, "?room=busy", "busy").await?.0);
-    }
-    // Redis learns the script with a call of one message: the lane stays quiet.
-    let (mut warm, _) = connect(&gw, "?room=warm-up", "warm-up").await?;
-    warm.say("warm-up", "hello", Some("w")).await?;
-    while !matches!(warm.recv().await?, ServerFrame::Ack { .. }) {}
+    let vars = [
+        ("REDIS_TIMEOUT_MS", "60000"),
+        ("PUBLISH_BATCH_MS", "10000"),
+        ("RATE_LIMIT_PER_SEC", "0"),
+    ];
+    let (_redis, gw, admin, mut senders) = lane_setup(&vars, "busy", FULL).await?;
+    // A call of one message: the lane stays quiet.
+    let mut warm = warm_up(&gw).await?;
 
     // Load: one call in flight, two publishes gather behind it and go together.
     let _ = redis_cmd(&admin, vec!["CLIENT", "PAUSE", "60000", "WRITE"]).await?;
@@ -154,9 +163,7 @@ async fn under_load_publishes_gather_for_the_batch_interval() -> anyhow::Result<
     })
     .await?;
     redis_cmd(&admin, vec!["CLIENT", "UNPAUSE"]).await?;
-    for c in senders.iter_mut().take(3) {
-        while !matches!(c.recv().await?, ServerFrame::Ack { .. }) {}
-    }
+    one_ack_each(&mut senders[..3]).await?;
     redis_cmd(&admin, vec!["CONFIG", "RESETSTAT"]).await?;
 
     // The lane now waits the interval: 64 quick sends fill one call, which goes at once.
@@ -164,19 +171,7 @@ async fn under_load_publishes_gather_for_the_batch_interval() -> anyhow::Result<
         c.say("busy", &format!("m{i}"), Some(&format!("s{i}")))
             .await?;
     }
-    let mut ids = BTreeSet::new();
-    for c in &mut senders {
-        loop {
-            match c.recv().await? {
-                ServerFrame::Ack { id, .. } => {
-                    ensure!(ids.insert(id), "id {id} acked twice");
-                    break;
-                }
-                ServerFrame::Message(_) => {}
-                other => bail!("a sender got {other:?}"),
-            }
-        }
-    }
+    let ids = one_ack_each(&mut senders).await?;
     ensure!(
         ids == (4..4 + FULL as u64).collect::<BTreeSet<_>>(),
         "ids {ids:?}"
@@ -186,7 +181,7 @@ async fn under_load_publishes_gather_for_the_batch_interval() -> anyhow::Result<
 
     // A full batch leaves the lane quiet: a lone publish goes at once, in its own call.
     warm.say("warm-up", "again", Some("w2")).await?;
-    while !matches!(warm.recv().await?, ServerFrame::Ack { .. }) {}
+    until_ack(&mut warm).await?;
     let calls = evalsha_calls(&admin).await?;
     ensure!(calls == 2, "{calls} script calls");
     Ok(())

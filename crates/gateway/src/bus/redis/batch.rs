@@ -67,6 +67,7 @@ impl std::fmt::Debug for Waiting {
 impl Lane {
     /// Starts the lane's task, which runs `scripts` on `client`; each publish waits for
     /// its turn at most `timeout`.
+    ///
     /// A call starts no sooner than `interval` after the previous one began when that one
     /// carried several messages but not a full batch (`Duration::ZERO`: as soon as the
     /// previous one is answered).
