@@ -49,14 +49,22 @@ impl MessageTemplate {
     pub fn with_user(room: &RoomName, username: &str, user: Option<&str>, text: &str) -> Self {
         // Room names are [A-Za-z0-9_-]: nothing to escape.
         let head = format!(r#"{{"type":"message","room":"{room}","id":"#);
-        let user = user.map_or_else(String::new, |u| {
-            format!(r#","user":{}"#, serde_json::Value::from(u))
-        });
-        let middle = format!(
-            r#","username":{}{user},"text":{},"ts":"#,
-            serde_json::Value::from(username),
-            serde_json::Value::from(text)
-        );
+        // Escaped straight into one buffer (this runs for every message sent).
+        let user_len = user.map_or(0, |u| u.len() + 10);
+        let mut middle =
+            Vec::with_capacity(32 + username.len() + user_len + text.len() + text.len() / 8);
+        middle.extend_from_slice(br#","username":"#);
+        push_json_str(&mut middle, username);
+        if let Some(user) = user {
+            middle.extend_from_slice(br#","user":"#);
+            push_json_str(&mut middle, user);
+        }
+        middle.extend_from_slice(br#","text":"#);
+        push_json_str(&mut middle, text);
+        middle.extend_from_slice(br#","ts":"#);
+        // serde_json writes UTF-8 only; the fallback is never taken.
+        let middle = String::from_utf8(middle)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
         MessageTemplate { head, middle }
     }
 
@@ -70,6 +78,12 @@ impl MessageTemplate {
         out.push_str(TEMPLATE_TAIL);
         out
     }
+}
+
+/// Appends `s` as a JSON string, escaped as serde encodes it (writing to a `Vec` cannot
+/// fail).
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 /// Reads the `id` of a stored `message` frame without building the whole frame.

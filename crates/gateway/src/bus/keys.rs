@@ -2,6 +2,9 @@
 //! room's counter, history and channel share one Redis Cluster slot (the publish script
 //! touches all three atomically).
 
+use std::{fmt::Write as _, ops::Range};
+
+use bytes::BytesMut;
 use chat_protocol::RoomName;
 
 /// Key and channel names under one prefix.
@@ -58,6 +61,23 @@ impl Keys {
         format!("{}:{{{room}}}", self.prefix)
     }
 
+    /// A room's counter, history, epoch and channel names written one after another into
+    /// `buf` (a publish needs all four: one allocation instead of four), and where each is.
+    pub fn put_room(&self, room: &RoomName, buf: &mut BytesMut) -> RoomNames {
+        let mut put = |suffix: &str| {
+            let start = buf.len();
+            // Writing to a BytesMut cannot fail (it grows).
+            let _ = write!(buf, "{}:{{{room}}}{suffix}", self.prefix);
+            start..buf.len()
+        };
+        RoomNames {
+            seq: put(":seq"),
+            history: put(":history"),
+            epoch: put(":epoch"),
+            channel: put(""),
+        }
+    }
+
     /// `chat:probe:INSTANCE` — an instance's own channel for its delivery self-probe.
     pub fn probe(&self, instance: &str) -> String {
         format!("{}{instance}", self.probe_prefix())
@@ -84,6 +104,19 @@ impl Keys {
     }
 }
 
+/// Where [`Keys::put_room`] wrote each name.
+#[derive(Debug)]
+pub struct RoomNames {
+    /// [`Keys::seq`].
+    pub seq: Range<usize>,
+    /// [`Keys::history`].
+    pub history: Range<usize>,
+    /// [`Keys::epoch`].
+    pub epoch: Range<usize>,
+    /// [`Keys::channel`].
+    pub channel: Range<usize>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +137,12 @@ mod tests {
         assert_eq!(k.shard_probe("web-1", 7), "chat:probe:{web-1-7}");
         assert!(k.shard_probe("web-1", 7).starts_with(&k.probe_prefix()));
         assert_eq!(k.room_of_channel(&k.shard_probe("web-1", 7)), None);
+        let mut buf = BytesMut::from(&b"before"[..]);
+        let at = k.put_room(&r, &mut buf);
+        let name = |range: Range<usize>| String::from_utf8(buf[range].to_vec()).unwrap();
+        assert_eq!(name(at.seq), k.seq(&r));
+        assert_eq!(name(at.history), k.history(&r));
+        assert_eq!(name(at.epoch), k.epoch(&r));
+        assert_eq!(name(at.channel), k.channel(&r));
     }
 }

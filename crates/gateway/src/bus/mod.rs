@@ -117,7 +117,15 @@ pub type Epoch = std::sync::Arc<str>;
 
 /// A fresh random epoch token.
 pub fn new_epoch() -> String {
-    format!("{:016x}", fastrand::u64(..))
+    let mut epoch = String::with_capacity(16);
+    put_new_epoch(&mut epoch);
+    epoch
+}
+
+/// Writes a new epoch (see [`new_epoch`]) at the end of `out` (a `String`, a `BytesMut`:
+/// writing to either cannot fail).
+pub fn put_new_epoch(out: &mut impl std::fmt::Write) {
+    let _ = write!(out, "{:016x}", fastrand::u64(..));
 }
 
 /// The pub/sub notice that precedes a room's first message in a new epoch:
@@ -137,8 +145,16 @@ pub struct EpochNotice {
 impl EpochNotice {
     /// The notice's JSON up to the epoch value; [`EpochNotice::TAIL`] follows it.
     pub fn head(room: &RoomName) -> String {
+        let mut head = String::with_capacity(40 + room.as_str().len());
+        Self::put_head(room, &mut head);
+        head
+    }
+
+    /// Writes [`EpochNotice::head`] at the end of `out` (a `String`, a `BytesMut`:
+    /// writing to either cannot fail).
+    pub fn put_head(room: &RoomName, out: &mut impl std::fmt::Write) {
         // Room names are [A-Za-z0-9_-]: nothing to escape.
-        format!(r#"{{"type":"epoch","room":"{room}","epoch":""#)
+        let _ = write!(out, r#"{{"type":"epoch","room":"{room}","epoch":""#);
     }
 
     /// What follows the epoch value.

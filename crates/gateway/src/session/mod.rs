@@ -289,16 +289,16 @@ impl Session {
                 since,
                 epoch,
                 reference,
-            }) => self.join(room, since, epoch, reference).await,
+            }) => Box::pin(self.join(room, since, epoch, reference)).await,
             Ok(ClientFrame::Leave { room, reference }) => self.leave(room, reference).await,
             Ok(ClientFrame::Send {
                 room,
                 text,
                 username,
                 reference,
-            }) => self.send(room, text, username, reference).await,
+            }) => Box::pin(self.send(room, text, username, reference)).await,
             Ok(ClientFrame::Refresh { token, reference }) => {
-                self.refresh(token, reference).await;
+                Box::pin(self.refresh(token, reference)).await;
             }
             Ok(ClientFrame::Typing { room, reference }) => self.typing(room, reference).await,
             Err(err) => self.refuse(err).await,

@@ -150,8 +150,9 @@ async fn run(
         if requests.is_empty() {
             continue;
         }
-        let calls = std::mem::replace(&mut requests, Vec::with_capacity(MAX_BATCH));
-        match scripts.publish_many(&client, calls).await {
+        let outcome = scripts.publish_many(&client, &requests).await;
+        requests.clear();
+        match outcome {
             Ok(outcomes) => {
                 for (reply, outcome) in replies.drain(..).zip(outcomes) {
                     let _ = reply.send(outcome);

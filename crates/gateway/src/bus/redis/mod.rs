@@ -382,11 +382,15 @@ impl Bus for RedisBus {
                 let request = self.inner.scripts.publish_request(room, message, dedupe);
                 lane.publish(request).await
             }
+            // Boxed: fred's futures are large, and this one would otherwise make every
+            // publish's future (the lane's included) kilobytes long.
             None => {
-                self.inner
-                    .scripts
-                    .publish(&self.inner.commands, room, message, dedupe)
-                    .await
+                Box::pin(
+                    self.inner
+                        .scripts
+                        .publish(&self.inner.commands, room, message, dedupe),
+                )
+                .await
             }
         }
     }

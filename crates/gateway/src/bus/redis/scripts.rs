@@ -4,17 +4,18 @@
 //! Lua only concatenates: every byte of JSON (a message's, an epoch notice's) comes from
 //! Rust, so what is stored, published and replayed is exactly what serde would produce.
 
-use std::time::Duration;
+use std::{fmt::Write as _, time::Duration};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use chat_protocol::{MessageTemplate, RoomName, message::TEMPLATE_TAIL, peek_id};
 use fred::{
     prelude::*,
-    types::{Value, scripts::Script},
+    types::{Key, Value, scripts::Script},
 };
 
 use crate::bus::{
     BusError, Dedupe, Epoch, EpochNotice, History, Msg, Page, Published, keys::Keys, new_epoch,
+    put_new_epoch,
 };
 
 /// Publishes one or more messages (a batch: see `batch.rs`), each as if alone.
@@ -145,6 +146,9 @@ pub(super) struct Scripts {
     backstop: Duration,
     /// `ROOM_IDLE_TTL_SECS` (`"0"`: rooms never expire).
     idle_ttl: String,
+    /// The publish script's five shared arguments, built once (cloning one is a
+    /// reference count).
+    publish_shared: [Value; 5],
 }
 
 impl Scripts {
@@ -155,42 +159,68 @@ impl Scripts {
         timeout: Duration,
         idle_ttl: Option<Duration>,
     ) -> Self {
+        let history_size = history_size.to_string();
+        let idle_ttl = idle_ttl.map_or(0, |t| t.as_secs().max(1)).to_string();
+        let publish_command = if sharded { "SPUBLISH" } else { "PUBLISH" };
+        let shared = |s: &str| Value::Bytes(Bytes::copy_from_slice(s.as_bytes()));
         Scripts {
             publish: Script::from_lua(PUBLISH_LUA),
             history: Script::from_lua(HISTORY_LUA),
             keys,
-            history_size: history_size.to_string(),
-            publish_command: if sharded { "SPUBLISH" } else { "PUBLISH" },
+            publish_shared: [
+                shared(TEMPLATE_TAIL),
+                shared(&history_size),
+                shared(publish_command),
+                shared(EpochNotice::TAIL),
+                shared(&idle_ttl),
+            ],
+            history_size,
+            publish_command,
             backstop: timeout * 4,
-            idle_ttl: idle_ttl.map_or(0, |t| t.as_secs().max(1)).to_string(),
+            idle_ttl,
         }
     }
 
-    /// One message's part of a publish call.
+    /// One message's part of a publish call. Its names and arguments are written into one
+    /// buffer and handed to fred as slices of it: a publish is a few allocations, not
+    /// one per string (and cloning them for a `NOSCRIPT` retry copies nothing).
     pub(super) fn publish_request(
         &self,
         room: &RoomName,
         message: &MessageTemplate,
         dedupe: Option<&Dedupe>,
     ) -> PublishRequest {
-        let k = &self.keys;
-        let mut keys = self.room_keys(room);
-        let window = match dedupe {
-            Some(dedupe) => {
-                keys.push(k.sent(room, &dedupe.key));
-                dedupe.window.as_secs().max(1).to_string()
-            }
-            None => "0".to_owned(),
+        let room_len = room.as_str().len();
+        let mut buf =
+            BytesMut::with_capacity(160 + 5 * room_len + message.head.len() + message.middle.len());
+        let names = self.keys.put_room(room, &mut buf);
+        let mut put = |write: &dyn Fn(&mut BytesMut)| {
+            let start = buf.len();
+            write(&mut buf);
+            start..buf.len()
         };
+        let head = put(&|b| b.extend_from_slice(message.head.as_bytes()));
+        let middle = put(&|b| b.extend_from_slice(message.middle.as_bytes()));
+        let candidate = put(&|b| put_new_epoch(b));
+        let notice = put(&|b| EpochNotice::put_head(room, b));
+        let window = dedupe.map_or(0, |d| d.window.as_secs().max(1));
+        // Writing to a BytesMut cannot fail (it grows).
+        let window = put(&|b| {
+            let _ = write!(b, "{window}");
+        });
+        let buf = buf.freeze();
+        let key = |range| Key::from(buf.slice(range));
+        let arg = |range| Value::Bytes(buf.slice(range));
         PublishRequest {
-            keys,
+            keys: [key(names.seq), key(names.history), key(names.epoch)],
+            sent: dedupe.map(|d| Key::from(self.keys.sent(room, &d.key))),
             args: [
-                k.channel(room),
-                message.head.clone(),
-                message.middle.clone(),
-                new_epoch(),
-                EpochNotice::head(room),
-                window,
+                arg(names.channel),
+                arg(head),
+                arg(middle),
+                arg(candidate),
+                arg(notice),
+                arg(window),
             ],
         }
     }
@@ -204,7 +234,7 @@ impl Scripts {
         dedupe: Option<&Dedupe>,
     ) -> Result<Published, BusError> {
         let request = self.publish_request(room, message, dedupe);
-        self.publish_many(client, vec![request])
+        self.publish_many(client, std::slice::from_ref(&request))
             .await?
             .pop()
             .ok_or(BusError::Corrupt("publish reply has no entry"))?
@@ -215,23 +245,21 @@ impl Scripts {
     pub(super) async fn publish_many(
         &self,
         client: &Client,
-        requests: Vec<PublishRequest>,
+        requests: &[PublishRequest],
     ) -> Result<Vec<Result<Published, BusError>>, BusError> {
         let count = requests.len();
-        let mut keys = Vec::with_capacity(requests.len() * 4);
-        let mut args = Vec::with_capacity(5 + requests.len() * 6);
-        args.extend([
-            TEMPLATE_TAIL.to_owned(),
-            self.history_size.clone(),
-            self.publish_command.to_owned(),
-            EpochNotice::TAIL.to_owned(),
-            self.idle_ttl.clone(),
-        ]);
-        for request in requests {
-            keys.extend(request.keys);
-            args.extend(request.args);
-        }
-        let reply: Value = self.evalsha(client, &self.publish, keys, args).await?;
+        let call = || {
+            let mut keys = Vec::with_capacity(count * 4);
+            let mut args = Vec::with_capacity(5 + count * 6);
+            args.extend(self.publish_shared.iter().cloned());
+            for request in requests {
+                keys.extend(request.keys.iter().cloned());
+                keys.extend(request.sent.iter().cloned());
+                args.extend(request.args.iter().cloned());
+            }
+            (keys, args)
+        };
+        let reply: Value = self.evalsha_with(client, &self.publish, call).await?;
         let outcomes: Vec<_> = reply
             .into_array()
             .into_iter()
@@ -303,16 +331,38 @@ impl Scripts {
 
     /// Runs a script with EVALSHA, loading it first when Redis does not know it. fred's
     /// command timeout bounds each step.
-    pub(super) async fn evalsha<R: FromValue>(
+    pub(super) async fn evalsha<R, K, V>(
         &self,
         client: &Client,
         script: &Script,
-        keys: Vec<String>,
-        args: Vec<String>,
+        keys: Vec<K>,
+        args: Vec<V>,
+    ) -> Result<R, BusError>
+    where
+        R: FromValue,
+        K: Into<Key>,
+        V: Into<Value>,
+    {
+        // As fred's own types, whose clones share the bytes.
+        let keys: Vec<Key> = keys.into_iter().map(Into::into).collect();
+        let args: Vec<Value> = args.into_iter().map(Into::into).collect();
+        self.evalsha_with(client, script, || (keys.clone(), args.clone()))
+            .await
+    }
+
+    /// [`Scripts::evalsha`] with the keys and arguments made by `call`, once per try (a
+    /// second only after `NOSCRIPT`): nothing is copied ahead for a retry that almost
+    /// never happens.
+    pub(super) async fn evalsha_with<R: FromValue>(
+        &self,
+        client: &Client,
+        script: &Script,
+        call: impl Fn() -> (Vec<Key>, Vec<Value>) + Send + Sync,
     ) -> Result<R, BusError> {
         let run = async {
+            let (keys, args) = call();
             let first = client
-                .evalsha::<R, _, _, _>(script.sha1().clone(), keys.clone(), args.clone())
+                .evalsha::<R, _, _, _>(script.sha1().clone(), keys, args)
                 .await;
             match first {
                 Err(e) if e.details().starts_with("NOSCRIPT") => {
@@ -321,6 +371,7 @@ impl Scripts {
                     // write.
                     let lua = script.lua().cloned().unwrap_or_default();
                     client.script_load_cluster::<(), _>(lua).await?;
+                    let (keys, args) = call();
                     client.evalsha(script.sha1().clone(), keys, args).await
                 }
                 other => other,
@@ -336,8 +387,12 @@ impl Scripts {
 /// One message's keys and arguments in a publish call (see `PUBLISH_LUA`).
 #[derive(Debug)]
 pub(super) struct PublishRequest {
-    keys: Vec<String>,
-    args: [String; 6],
+    /// seq, history, epoch.
+    keys: [Key; 3],
+    /// An idempotent send's dedupe record.
+    sent: Option<Key>,
+    /// channel, message head, middle, epoch candidate, epoch notice head, window.
+    args: [Value; 6],
 }
 
 /// Reads one entry of the publish script's reply: `{flag, frame or error}`.
