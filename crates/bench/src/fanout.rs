@@ -318,27 +318,28 @@ pub async fn run(
     }
     shared.stop.store(true, Ordering::SeqCst);
     let window = start.elapsed();
-    for p in pubs {
-        let _ = p.await;
-    }
-    // Drain: until every subscriber has every stored message, or 10 s.
-    let expected: u64 = shared
-        .stored
-        .iter()
-        .map(|s| s.load(Ordering::SeqCst) * plan.subs as u64)
-        .sum();
+    // Drain: until every subscriber has every stored message, or 10 s. The publishers
+    // keep their connections (and count late refusals) until then.
+    let expected = || -> u64 {
+        shared
+            .stored
+            .iter()
+            .map(|s| s.load(Ordering::SeqCst) * plan.subs as u64)
+            .sum()
+    };
     let drain_until = Instant::now() + Duration::from_secs(10);
-    while shared.delivered.load(Ordering::SeqCst) < expected && Instant::now() < drain_until {
+    while shared.delivered.load(Ordering::SeqCst) < expected() && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let expected = expected();
     let measured = start.elapsed();
     let server_cpu = cpu_of(meters.server_pids) - server_cpu0;
     let bench_cpu = cpu_of(&[me]) - bench_cpu0;
     let redis1 = crate::sys::redis_stats_all(meters.redis).await?;
     let (redis, redis_nodes) = RedisDelta::of_nodes(&redis0, &redis1);
     shared.finish.cancel();
-    for s in subs {
-        let _ = s.await;
+    for t in subs.into_iter().chain(pubs) {
+        let _ = t.await;
     }
     let mut outcome = Outcome {
         sent: shared.sent.load(Ordering::SeqCst),
@@ -568,19 +569,30 @@ async fn publisher(
             }
         }
     }
-    // Keep reading a moment so late refusals are counted and our echo does not back up.
-    let _ = tokio::time::timeout(Duration::from_millis(500), async {
-        loop {
-            match reader.next().await {
-                Ok(Frame::Text(t)) if t.starts_with(br#"{"type":"error""#) => {
-                    shared.refused.fetch_add(1, Ordering::Relaxed);
-                    shared.stored[room].fetch_sub(1, Ordering::Relaxed);
-                }
-                Ok(_) => {}
-                Err(_) => break,
+    // Keep reading until the drain is over: late refusals are counted, our echo does not
+    // back up, and the sends still queued in the gateway (under overload, behind this
+    // connection's publish in flight) are all handled. Closing earlier with unread echoes
+    // makes the kernel reset the connection, which discards the frames the gateway has
+    // not read yet: they were never stored, but they counted as sent (and so as lost).
+    let finish = shared.finish.clone().cancelled_owned();
+    tokio::pin!(finish);
+    loop {
+        let next = tokio::select! {
+            biased;
+            () = &mut finish => break,
+            next = reader.next() => next,
+        };
+        match next {
+            Ok(Frame::Text(t)) if t.starts_with(br#"{"type":"error""#) => {
+                shared.refused.fetch_add(1, Ordering::Relaxed);
+                shared.stored[room].fetch_sub(1, Ordering::Relaxed);
             }
+            Ok(Frame::Ping(p)) => {
+                let _ = writer.pong(&p).await;
+            }
+            Ok(_) => {}
+            Err(_) => break,
         }
-    })
-    .await;
+    }
     let _ = writer.close().await;
 }
