@@ -430,12 +430,26 @@ impl WorkerResult {
     }
 }
 
+/// Latencies a subscriber keeps before recording them into the shared histogram.
+const LATENCY_BATCH: usize = 256;
+
+/// Records `pending` latencies (ns) into the shared histogram and empties it.
+fn record(shared: &Shared, pending: &mut Vec<u64>) {
+    if let Ok(mut g) = shared.histogram.lock() {
+        for &v in pending.iter() {
+            // Saturates at the histogram's top (two minutes) instead of failing.
+            g.saturating_record(v);
+        }
+    }
+    pending.clear();
+}
+
 async fn subscriber(mut reader: ws::Reader, mut writer: ws::Writer, shared: Arc<Shared>) {
     let mut next_id = 1u64;
-    let Ok(mut local) = Histogram::<u64>::new_with_bounds(1_000, 120_000_000_000, 3) else {
-        return;
-    };
-    let mut pending = 0u32;
+    // Latencies are kept here and recorded into the shared histogram now and then, under
+    // one lock: a histogram per subscriber was 155 KB of counters each, and merging one
+    // (every 256 messages) walked all of them.
+    let mut pending: Vec<u64> = Vec::with_capacity(LATENCY_BATCH);
     // Registered once: a fresh `cancelled()` per frame would lock the token's (shared)
     // waiter list twice per delivery.
     let finish = shared.finish.clone().cancelled_owned();
@@ -464,15 +478,9 @@ async fn subscriber(mut reader: ws::Reader, mut writer: ws::Writer, shared: Arc<
                     shared.duplicated.fetch_add(1, Ordering::Relaxed);
                 }
                 if let Some(sent) = ws::find_u64(t, br#""text":"~"#) {
-                    let _ = local.record(now.saturating_sub(sent).max(1_000));
-                    pending += 1;
-                    // Merge into the shared histogram now and then, not per message.
-                    if pending >= 256 {
-                        pending = 0;
-                        if let Ok(mut g) = shared.histogram.lock() {
-                            let _ = g.add(&local);
-                        }
-                        local.reset();
+                    pending.push(now.saturating_sub(sent).max(1_000));
+                    if pending.len() >= LATENCY_BATCH {
+                        record(&shared, &mut pending);
                     }
                 }
             }
@@ -490,9 +498,7 @@ async fn subscriber(mut reader: ws::Reader, mut writer: ws::Writer, shared: Arc<
             }
         }
     }
-    if let Ok(mut g) = shared.histogram.lock() {
-        let _ = g.add(&local);
-    }
+    record(&shared, &mut pending);
     let _ = writer.close().await;
 }
 
