@@ -44,6 +44,11 @@ for i in 1 2 3; do
   done
   # One member per room: the gateway's cost per published message.
   $B fanout --spawn 2 --rooms 1000 --subs 1 --pubs 1 --rate 5000 --duration 15 --room-affinity > $O/rooms1000-one-member-$i.txt 2>&1
+  # The publisher as the room's only member (one write per message: its own copy).
+  $B fanout --spawn 2 --rooms 1000 --subs 0 --pubs 1 --rate 5000 --duration 15 --room-affinity > $O/rooms1000-publisher-only-$i.txt 2>&1
+  # The many-rooms target rate, with the floor of a big room after it.
+  $B fanout --spawn 2 --rooms 1000 --subs 10 --pubs 1 --rate 10000 --duration 15 --room-affinity > $O/rooms1000-10000-$i.txt 2>&1
+  $B fanout --spawn 1 --rooms 1 --subs 100 --pubs 10 --rate 500 --duration 10 --floor > $O/floor-bigroom-$i.txt 2>&1
   # Pacing the publish lane: PUBLISH_BATCH_MS off (0) and default (1).
   for b in 0 1; do
     $B fanout --spawn 2 --env PUBLISH_BATCH_MS=$b --rooms 1000 --subs 10 --pubs 1 --rate 7000 --duration 15 --room-affinity > $O/batch$b-rooms1000-7000-$i.txt 2>&1
@@ -54,5 +59,6 @@ for i in 1 2 3; do
   done
 done
 $B ramp --spawn 2 --rooms 1 --subs 1000 --pubs 10 --start-rate 50 --factor 1.5 --duration 8 --p99-ms 25 > $O/ramp-1000subs.txt 2>&1
+$B ramp --spawn 2 --rooms 1000 --subs 10 --pubs 1 --start-rate 6000 --factor 1.1 --duration 10 --p99-ms 50 --room-affinity > $O/ramp-rooms1000.txt 2>&1
 $B churn --spawn 1 --rate 200 --duration 20 > $O/churn-1.txt 2>&1
 echo done > $O/DONE
