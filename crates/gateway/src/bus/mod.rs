@@ -143,15 +143,8 @@ pub struct EpochNotice {
 }
 
 impl EpochNotice {
-    /// The notice's JSON up to the epoch value; [`EpochNotice::TAIL`] follows it.
-    pub fn head(room: &RoomName) -> String {
-        let mut head = String::with_capacity(40 + room.as_str().len());
-        Self::put_head(room, &mut head);
-        head
-    }
-
-    /// Writes [`EpochNotice::head`] at the end of `out` (a `String`, a `BytesMut`:
-    /// writing to either cannot fail).
+    /// Writes the notice's JSON up to the epoch value at the end of `out` (a `String`, a
+    /// `BytesMut`: writing to either cannot fail); [`EpochNotice::TAIL`] follows the epoch.
     pub fn put_head(room: &RoomName, out: &mut impl std::fmt::Write) {
         // Room names are [A-Za-z0-9_-]: nothing to escape.
         let _ = write!(out, r#"{{"type":"epoch","room":"{room}","epoch":""#);

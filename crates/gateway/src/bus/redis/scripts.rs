@@ -510,7 +510,10 @@ mod tests {
         assert!(!PUBLISH_LUA.contains("'{"));
         assert!(!PUBLISH_LUA.contains("\"type\""));
         let room = RoomName::new("lobby").unwrap();
-        let notice = format!("{}abc{}", EpochNotice::head(&room), EpochNotice::TAIL);
+        let mut notice = String::new();
+        EpochNotice::put_head(&room, &mut notice);
+        notice.push_str("abc");
+        notice.push_str(EpochNotice::TAIL);
         let parsed: EpochNotice = serde_json::from_str(&notice).unwrap();
         assert_eq!(
             (
